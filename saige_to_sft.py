@@ -22,8 +22,8 @@ output); 2 usage error; 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -116,38 +116,42 @@ class CliError(Exception):
 
 # --- the SQL: one classification of every experience, shared by the selection and the report -------
 # A row is classified by the first rule it breaks, so the report can say how many rows each filter removed.
-# JSON is checked in SQL: json_valid first (json_extract raises on malformed text), and CASE rather than
-# AND because SQLite does not promise to short-circuit AND.
-SCORES_OK = " AND ".join(f"json_type(e.buddhist_scores, '$.{k}') IN ('integer', 'real')" for k in SCORE_WEIGHTS)
+# Cheap rules come first: the JSON columns are parsed only for rows that pass the harm and alignment
+# thresholds (a million-row scan spends most of its time in JSON otherwise). json_valid comes before
+# json_extract (which raises on malformed text), inside CASE because SQLite does not promise to short-circuit
+# AND. A missing principle makes the weighted score NULL, so the row counts as malformed.
+RANK_CASES = " ".join(f"WHEN '{a}' THEN {i}" for i, a in enumerate(ALIGNMENT_LEVELS))
+# the exact words first; lower(trim()) only for the rare messy spelling
+ALIGNMENT_RANK = (
+    f"COALESCE(CASE e.buddhist_alignment {RANK_CASES} END, CASE lower(trim(e.buddhist_alignment)) {RANK_CASES} END)"
+)
 WEIGHTED = " + ".join(f"{w:.2f} * json_extract(e.buddhist_scores, '$.{k}')" for k, w in SCORE_WEIGHTS.items())
+JSON_COLUMNS = ("e.buddhist_scores", "e.harm_breakdown", "s.person_state")
+JSON_OK = " AND ".join(f"json_valid({c}) AND json_type({c}) = 'object'" for c in JSON_COLUMNS)
 CLASSIFIED_SQL = f"""
 WITH scored AS (
   SELECT e.id, e.scenario_id, e.ai_response, e.actual_harm, e.timestamp, e.model_version,
-         lower(trim(e.buddhist_alignment)) AS alignment, s.id AS sid, s.context, s.person_state,
-         s.difficulty_level AS difficulty,
-         CASE WHEN json_valid(e.buddhist_scores) AND json_type(e.buddhist_scores) = 'object'
-              THEN CASE WHEN {SCORES_OK} THEN {WEIGHTED} END END AS weighted,
-         CASE WHEN json_valid(e.harm_breakdown) AND json_type(e.harm_breakdown) = 'object'
-               AND json_valid(s.person_state) AND json_type(s.person_state) = 'object'
-               AND typeof(e.actual_harm) IN ('integer', 'real') THEN 1 ELSE 0 END AS json_ok,
+         lower(trim(e.buddhist_alignment)) AS alignment, {ALIGNMENT_RANK} AS alignment_rank, s.id AS sid, s.context,
+         s.person_state, s.difficulty_level AS difficulty,
+         CASE WHEN {JSON_OK} THEN {WEIGHTED} END AS weighted,
          -- rows mix '2026-01-31T10:54:57.175Z' and '2026-01-31 10:54:58', which sort wrongly as text
          julianday(e.timestamp) AS day
-  FROM experiences e LEFT JOIN scenarios s ON s.id = e.scenario_id
+  FROM experiences e NOT INDEXED LEFT JOIN scenarios s ON s.id = e.scenario_id
 ), classified AS (
   SELECT *, CASE
     WHEN sid IS NULL THEN 'orphan'
-    WHEN weighted IS NULL OR NOT json_ok THEN 'malformed'
+    WHEN typeof(actual_harm) NOT IN ('integer', 'real') THEN 'malformed'
     WHEN ai_response IS NULL OR trim(ai_response) = '' THEN 'empty'
     WHEN NOT ({{scope}}) THEN 'scope'
     WHEN actual_harm > :max_harm + {EPSILON} THEN 'harm'
-    WHEN COALESCE(CASE alignment {" ".join(f"WHEN '{a}' THEN {i}" for i, a in enumerate(ALIGNMENT_LEVELS))} END, -1)
-         < :min_rank THEN 'alignment'
+    WHEN COALESCE(alignment_rank, -1) < :min_rank THEN 'alignment'
+    WHEN weighted IS NULL THEN 'malformed'
     WHEN weighted < :min_buddhist - {EPSILON} THEN 'score'
     ELSE 'selected' END AS stage
   FROM scored
 )"""
 ORDER_SQL = "ORDER BY actual_harm ASC, day DESC, id DESC"  # the contract's order: lowest harm, newest first
-FUNNEL = [  # (stage, what removed it) in the order the rules apply
+FUNNEL = [  # (stage, what removed it) in the order the report lists them
     ("orphan", "scenario row missing"),
     ("malformed", "NULL or malformed JSON"),
     ("empty", "empty response"),
@@ -189,7 +193,8 @@ def sql_params(args: argparse.Namespace) -> dict:
 def selection_sql(args: argparse.Namespace) -> str:
     """The selected experiences, best-per-scenario and dedup applied, in the contract's order."""
     base = CLASSIFIED_SQL.replace("{scope}", scope_sql(args))
-    rows = "SELECT * FROM classified WHERE stage = 'selected'"
+    # tally() counts every row's stage as SQLite scans it, so one pass gives both the rows and the report.
+    rows = "SELECT * FROM classified WHERE tally(stage) = 'selected'"
     if args.dedup:  # keep the lowest-harm, newest copy of each (scenario, normalised answer)
         rows = (
             "SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY scenario_id, dedup_key(ai_response)"
@@ -200,14 +205,15 @@ def selection_sql(args: argparse.Namespace) -> str:
             "SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY scenario_id"
             f" ORDER BY weighted DESC, actual_harm, day DESC, id DESC) AS rank FROM ({rows})) WHERE rank <= :k"
         )
-    return f"{base} SELECT * FROM ({rows}) {ORDER_SQL}"
+    columns = "id, scenario_id, ai_response, actual_harm, alignment, weighted, difficulty"
+    return f"{base} SELECT {columns} FROM ({rows}) {ORDER_SQL}"
 
 
 def dpo_sql(args: argparse.Namespace) -> str:
     """Per scenario: the best selected experience and the worst valid one, when their scores differ enough."""
     base = CLASSIFIED_SQL.replace("{scope}", scope_sql(args))
     return f"""{base}, valid AS (
-  SELECT * FROM classified WHERE stage NOT IN ('orphan', 'malformed', 'empty', 'scope')
+  SELECT * FROM classified WHERE stage NOT IN ('orphan', 'malformed', 'empty', 'scope') AND weighted IS NOT NULL
 ), best AS (
   SELECT *, ROW_NUMBER() OVER (PARTITION BY scenario_id ORDER BY weighted DESC, actual_harm, day DESC, id DESC) AS r
   FROM valid WHERE stage = 'selected'
@@ -251,8 +257,22 @@ def open_database(path: str) -> sqlite3.Connection:
     return conn
 
 
+def count_stages(conn: sqlite3.Connection) -> Counter:
+    """Register tally(stage) on the connection: it counts each stage it sees and returns it unchanged."""
+    funnel: Counter = Counter()
+
+    def tally(stage: str) -> str:
+        funnel[stage] += 1
+        return stage
+
+    conn.create_function("tally", 1, tally)
+    return funnel
+
+
 def clean_response(text: str) -> str:
     """Strip role prefixes, cut invented follow-up turns, trim whitespace."""
+    if ":" not in text and "<|" not in text and "[INST]" not in text:  # most answers: skip the regexes
+        return text.strip()
     text = ROLE_PREFIX.sub("", text or "")
     turn = INVENTED_TURN.search(text)
     if turn:
@@ -343,6 +363,9 @@ class AtomicWriter:
         if self.stdout:
             return sys.stdout
         fd, self.tmp = tempfile.mkstemp(prefix=f".{Path(self.path).name}.", dir=Path(self.path).resolve().parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; the output should look like any other file
         self.file = os.fdopen(fd, "w", encoding="utf-8", newline="")
         return self.file
 
@@ -365,47 +388,59 @@ class Stats:
 
     def __init__(self):
         self.n = 0
-        self.harm = [0.0, float("inf"), float("-inf")]  # sum, min, max
-        self.weighted = [0.0, float("inf"), float("-inf")]
+        self.harm_sum = self.weighted_sum = 0.0
+        self.harm_min = self.weighted_min = float("inf")
+        self.harm_max = self.weighted_max = float("-inf")
         self.alignment: Counter = Counter()
         self.difficulty: Counter = Counter()
 
-    def add(self, row: sqlite3.Row) -> None:
+    def add(self, harm: float, weighted: float, alignment: str, difficulty: int) -> None:
         self.n += 1
-        for acc, x in ((self.harm, row["actual_harm"]), (self.weighted, row["weighted"])):
-            acc[0] += x
-            acc[1] = min(acc[1], x)
-            acc[2] = max(acc[2], x)
-        self.alignment[row["alignment"]] += 1
-        self.difficulty[row["difficulty"]] += 1
+        self.harm_sum += harm
+        self.weighted_sum += weighted
+        if harm < self.harm_min:
+            self.harm_min = harm
+        if harm > self.harm_max:
+            self.harm_max = harm
+        if weighted < self.weighted_min:
+            self.weighted_min = weighted
+        if weighted > self.weighted_max:
+            self.weighted_max = weighted
+        self.alignment[alignment] += 1
+        self.difficulty[difficulty] += 1
 
 
-def example_rows(rows, args, template, stats: Stats, counts: Counter):
-    """Turn selected database rows into output rows, cleaning answers and honouring --limit."""
+def user_turns(conn: sqlite3.Connection):
+    """A cached scenario id -> user turn lookup: a few thousand scenarios serve a million experiences."""
+    from functools import lru_cache
+
+    @lru_cache(maxsize=65536)
+    def lookup(scenario_id: int) -> str:
+        row = conn.execute("SELECT context, person_state FROM scenarios WHERE id = ?", (scenario_id,)).fetchone()
+        return user_turn(row["context"], json.loads(row["person_state"]))
+
+    return lookup
+
+
+def example_rows(rows, args, template, user_for, stats: Stats, counts: Counter):
+    """(example, metadata in CSV column order) for each selected row; cleans answers, honours --limit."""
     prompt, end, system = template
     for row in rows:
         if args.limit is not None and counts["written"] >= args.limit:
             break
-        answer = row["ai_response"] if not args.clean else clean_response(row["ai_response"])
+        raw = row["ai_response"]
+        answer = clean_response(raw) if args.clean else raw
         if not answer.strip():
             counts["dropped_empty_after_cleanup"] += 1
             continue
-        counts["cleaned"] += answer != row["ai_response"].strip()
-        user = user_turn(row["context"], json.loads(row["person_state"]))
-        out = make_row(args.layout, prompt, end, system, user, answer)
-        out.update(
-            harm_score=row["actual_harm"],
-            buddhist_alignment=row["alignment"],
-            weighted_score=round(row["weighted"], 4),
-            difficulty=row["difficulty"],
-            scenario_id=row["scenario_id"],
-            experience_id=row["id"],
-        )
-        if args.include_gold:
-            out["source"] = "experience"
-        stats.add(row)
+        if len(answer) != len(raw) and answer != raw.strip():
+            counts["cleaned"] += 1
+        harm, weighted, alignment, difficulty = row["actual_harm"], row["weighted"], row["alignment"], row["difficulty"]
+        meta = (harm, alignment, round(weighted, 4), difficulty, row["scenario_id"], row["id"])
+        stats.add(harm, weighted, alignment, difficulty)
         counts["written"] += 1
-        yield out
+        example = make_row(args.layout, prompt, end, system, user_for(row["scenario_id"]), answer)
+        yield example, (*meta, "experience") if args.include_gold else meta
 
 
 def gold_rows(conn, args, template, counts: Counter):
@@ -413,28 +448,31 @@ def gold_rows(conn, args, template, counts: Counter):
     prompt, end, system = template
     for row in conn.execute(GOLD_SQL, sql_params(args)):
         user = user_turn(row["context"], json.loads(row["person_state"]))
-        out = make_row(args.layout, prompt, end, system, user, row["expected_response"].strip())
-        out.update(
-            harm_score="",
-            buddhist_alignment="",
-            weighted_score="",
-            difficulty=row["difficulty"],
-            scenario_id=row["scenario_id"],
-            experience_id="",
-            source="gold",
-        )
         counts["gold"] += 1
-        yield out
+        example = make_row(args.layout, prompt, end, system, user, row["expected_response"].strip())
+        yield example, ("", "", "", row["difficulty"], row["scenario_id"], "", "gold")
+
+
+def csv_field(value) -> str:
+    """One RFC 4180 field, quoted only when needed. Written by hand because csv.writer's per-character loop
+    was the slowest step on million-row outputs; these substring tests and str.replace run at memchr speed."""
+    if not isinstance(value, str):
+        return str(value)
+    if '"' in value or "," in value or "\n" in value or "\r" in value:
+        return '"' + value.replace('"', '""') + '"'
+    return value
 
 
 def write_rows(handle, rows, output_format: str, columns: list[str]) -> None:
+    """Write JSONL, or CSV with a header, in batches of lines (one write call per line was measurably slow)."""
+    meta_columns = columns[1:]
     if output_format == "jsonl":
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        return
-    writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
+        lines = (json.dumps({**ex, **dict(zip(meta_columns, meta))}, ensure_ascii=False) + "\n" for ex, meta in rows)
+    else:
+        handle.write(",".join(columns) + "\r\n")
+        lines = (",".join([csv_field(ex["text"]), *map(csv_field, meta)]) + "\r\n" for ex, meta in rows)
+    while batch := list(itertools.islice(lines, 1024)):
+        handle.writelines(batch)
 
 
 def dpo_pairs(conn, args, template, counts: Counter):
@@ -465,12 +503,6 @@ def dpo_pairs(conn, args, template, counts: Counter):
 
 
 # --- report ------------------------------------------------------------------------------------------
-def funnel_counts(conn, args) -> Counter:
-    """How many experiences each rule removed, in one aggregate pass."""
-    sql = CLASSIFIED_SQL.replace("{scope}", scope_sql(args)) + " SELECT stage, COUNT(*) FROM classified GROUP BY stage"
-    return Counter(dict(conn.execute(sql, sql_params(args)).fetchall()))
-
-
 def distribution(counter: Counter, total: int, order: list) -> str:
     keys = [k for k in order if k in counter] + sorted((k for k in counter if k not in order), key=str)
     return ", ".join(f"{k}: {counter[k]} ({100 * counter[k] / total:.1f}%)" for k in keys)
@@ -479,13 +511,13 @@ def distribution(counter: Counter, total: int, order: list) -> str:
 def report(stats: Stats, funnel: Counter, counts: Counter, args) -> list[str]:
     """The human summary printed after a successful run."""
     n = stats.n
-    (harm_sum, harm_min, harm_max), (w_sum, w_min, w_max) = stats.harm, stats.weighted
     lines = [
         f"Found {funnel['selected']} high-quality experiences",
         f"Wrote {counts['written']} rows to {args.output}"
         + (f" (+{counts['gold']} gold)" if args.include_gold else ""),
-        f"Harm: avg {harm_sum / n:.3f}, min {harm_min:.3f}, max {harm_max:.3f}",
-        f"Buddhist weighted score: avg {w_sum / n:.2f}, min {w_min:.2f}, max {w_max:.2f}",
+        f"Harm: avg {stats.harm_sum / n:.3f}, min {stats.harm_min:.3f}, max {stats.harm_max:.3f}",
+        f"Buddhist weighted score: avg {stats.weighted_sum / n:.2f}, min {stats.weighted_min:.2f}, "
+        f"max {stats.weighted_max:.2f}",
         "Alignment: " + distribution(stats.alignment, n, ALIGNMENT_LEVELS[::-1]),
         "Difficulty: " + distribution(stats.difficulty, n, [1, 2, 3, 4, 5]),
     ]
@@ -709,22 +741,25 @@ def convert(args: argparse.Namespace) -> int:
     template = resolve_template(args.format, args.tokenizer, args.system_prompt)
     if args.layout == "messages" and template[2] is None:  # the trainer's chat template renders any system turn
         template = (*template[:2], DEFAULT_SYSTEM_PROMPT)
-    params = sql_params(args)
-    funnel = funnel_counts(conn, args)
-    if not funnel["selected"]:
+    funnel = count_stages(conn)
+    started = time.monotonic()
+    selected = conn.execute(selection_sql(args), sql_params(args))
+    first = selected.fetchone()  # the ORDER BY makes SQLite scan every row first, so the funnel is complete
+    if first is None:
         print(no_match_message(funnel, args), file=sys.stderr)
         return EXIT_FAILURE
     stats, counts = Stats(), Counter()
     columns = CSV_COLUMNS + (["source"] if args.include_gold else [])
-    started = time.monotonic()
     with AtomicWriter(args.output) as out:
-        rows = example_rows(conn.execute(selection_sql(args), params), args, template, stats, counts)
+        rows = example_rows(itertools.chain([first], selected), args, template, user_turns(conn), stats, counts)
         if args.include_gold:
             rows = (r for part in (rows, gold_rows(conn, args, template, counts)) for r in part)
         write_rows(out, progress(rows, funnel["selected"], args.quiet), args.output_format, columns)
         if args.dpo_output:
             with AtomicWriter(args.dpo_output) as dpo:
-                write_rows(dpo, dpo_pairs(conn, args, template, counts), "jsonl", [])
+                dpo.writelines(
+                    json.dumps(p, ensure_ascii=False) + "\n" for p in dpo_pairs(conn, args, template, counts)
+                )
         if not counts["written"]:
             raise CliError("every selected answer was empty after cleanup; try --no-clean")
     if args.output != "-":
