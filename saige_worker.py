@@ -782,7 +782,9 @@ def list_scenarios(conn, query: dict, body) -> tuple[int, dict]:
 
 def health(conn, query: dict, body) -> tuple[int, dict]:
     counts = {t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("scenarios", "experiences")}
-    return 200, {"status": "ok", **counts}
+    # the database file, so a collector writing to its own --db can tell it is this one and not store twice
+    db = conn.execute("PRAGMA database_list").fetchone()["file"]
+    return 200, {"status": "ok", **counts, "db": db}
 
 
 ROUTES = {
