@@ -1,0 +1,432 @@
+"""train_local.py, run as a user runs it, on a tiny Llama built here (and, marked slow, on SmolLM2-135M)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import saige_db
+from conftest import ROOT, run
+
+SCRIPT = "train_local.py"
+SPECIALS = [
+    "<s>",
+    "</s>",
+    "<unk>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "[INST]",
+    "[/INST]",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer Llama with a byte-level BPE tokenizer that knows every chat format's special tokens."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    corpus = [
+        s["context"] + " " + s["expected_response"] for s in json.loads((ROOT / "data" / "scenarios.json").read_text())
+    ]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=1000, min_frequency=2, special_tokens=SPECIALS)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
+    )
+    tok.chat_template = CHATML
+    tok.save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def saige_data(tmp_path_factory) -> Path:
+    """A small SAIGE database: 24 experiences over the bank's first scenarios, all passing the thresholds."""
+    folder = tmp_path_factory.mktemp("data")
+    db = folder / "saige.db"
+    conn = saige_db.create(db)
+    bank = json.loads((ROOT / "data" / "scenarios.json").read_text())[:12]
+    with conn:
+        for s in bank:
+            sid = saige_db.add_scenario(
+                conn,
+                s["context"],
+                s["person_state"],
+                s["facts"],
+                s["critical_info"],
+                s["difficulty_level"],
+                s["harm_type"],
+                s["expected_response"],
+            )
+            for i in range(2):
+                saige_db.add_experience(
+                    conn,
+                    sid,
+                    s["expected_response"] if i else "Thank you. I'm here to help.",
+                    0.1,
+                    dict.fromkeys(saige_db.WEIGHTS, 8.0),
+                )
+    conn.close()
+    return db
+
+
+def convert(db: Path, out: Path, *args: str) -> Path:
+    result = run("saige_to_sft.py", "--db", db, "-o", out, "-q", *args)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def train(data: Path, model: Path, out: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return run(
+        SCRIPT,
+        "--data",
+        data,
+        "--model",
+        model,
+        "--output-dir",
+        out,
+        "--batch-size",
+        "4",
+        "--max-length",
+        "1024",
+        "-q",
+        *args,
+        timeout=timeout,
+    )
+
+
+def dry_run(data: Path, model: Path, out: Path, *args: str) -> list[dict]:
+    result = train(data, model, out, "--dry-run", *args)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["tokens"]
+
+
+MARKER = {
+    "tinyllama": "<|assistant|>\n",
+    "mistral": "[/INST]",
+    "llama3": "<|end_header_id|>\n\n",
+    "chatml": "<|im_start|>assistant\n",
+}
+ANSWER_END = {"tinyllama": "</s>", "mistral": "</s>", "llama3": "<|eot_id|>", "chatml": "<|im_end|>"}
+
+
+@pytest.mark.parametrize("fmt", sorted(ANSWER_END))
+def test_loss_is_on_the_answer_and_its_end_token_only(saige_data, tiny_model, tmp_path, fmt):
+    data = convert(saige_data, tmp_path / "train.csv", "--format", fmt, "--limit", "1")
+    tokens = dry_run(data, tiny_model, tmp_path / "out", "--eval-split", "0")
+    trained = "".join(t["token"] for t in tokens if t["trained"])
+    untrained = "".join(t["token"] for t in tokens if not t["trained"])
+    first = [t["trained"] for t in tokens].index(True)
+    assert all(t["trained"] for t in tokens[first:]), "the answer is one trained run up to the end"
+    with open(data, newline="", encoding="utf-8") as f:
+        text = next(csv.DictReader(f))["text"]
+    answer = text[text.rfind(MARKER[fmt]) + len(MARKER[fmt]) :]
+    # exactly the answer and its end token, plus the tokenizer's EOS when the format ends otherwise ("</s>" here)
+    assert trained == answer.rstrip() + ("" if answer.rstrip().endswith("</s>") else "</s>")
+    assert trained.count(ANSWER_END[fmt]) == 1 and trained.endswith("</s>")  # the end is learned, once
+    assert "[Person's state" not in trained and "You are a wise" in untrained or fmt == "mistral"
+    assert untrained.count("<s>") <= 1  # no doubled BOS when the text already starts with it
+
+
+@pytest.mark.parametrize(
+    "layout_args, expected_layout",
+    [
+        (["--output-format", "jsonl", "--layout", "messages"], "conversational prompt-completion"),
+        (["--output-format", "jsonl", "--layout", "prompt-completion"], "prompt-completion (loss on the answer only)"),
+    ],
+)
+def test_jsonl_layouts_are_masked_too(saige_data, tiny_model, tmp_path, layout_args, expected_layout):
+    data = convert(saige_data, tmp_path / "train.jsonl", "--format", "chatml", "--limit", "1", *layout_args)
+    result = train(data, tiny_model, tmp_path / "out", "--dry-run", "--eval-split", "0")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["layout"] == expected_layout
+    trained = "".join(t["token"] for t in report["tokens"] if t["trained"])
+    assert "<|im_end|>" in trained[-14:] and "<|im_start|>" not in trained
+
+
+def test_train_on_prompt_trains_every_token(saige_data, tiny_model, tmp_path):
+    data = convert(saige_data, tmp_path / "train.csv", "--format", "chatml", "--limit", "1")
+    tokens = dry_run(data, tiny_model, tmp_path / "out", "--train-on-prompt", "--eval-split", "0")
+    assert all(t["trained"] for t in tokens[1:])
+
+
+DEPLOYED = [
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "training_args.bin",
+    "saige_data.meta.json",
+    "training_summary.json",
+]
+
+
+@pytest.mark.parametrize("fmt", ["mistral", "chatml"])
+def test_training_writes_the_files_users_deploy(saige_data, tiny_model, tmp_path, fmt):
+    data = convert(saige_data, tmp_path / "train.csv", "--format", fmt)
+    out = tmp_path / "adapter"
+    result = train(data, tiny_model, out, "--max-steps", "4")
+    assert result.returncode == 0, result.stderr
+    for name in DEPLOYED:
+        assert (out / name).is_file(), name
+    assert (out / "chat_template.jinja").is_file() or "chat_template" in (out / "tokenizer_config.json").read_text()
+    assert not list(out.glob("checkpoint-*"))
+    report = json.loads((out / "training_summary.json").read_text())
+    assert report["steps"] == 4 and report["train_rows"] + report["eval_rows"] == 24
+    assert report["tokens"] > 0 and report["tokens_per_second"] > 0 and report["peak_rss_mb"] > 0
+    assert report["format"] == fmt and set(report["versions"]) >= {"torch", "transformers", "trl", "peft"}
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out)
+    tok = AutoTokenizer.from_pretrained(out)
+    generated = model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > 1
+
+
+def test_messages_jsonl_trains(saige_data, tiny_model, tmp_path):
+    data = convert(saige_data, tmp_path / "train.jsonl", "--output-format", "jsonl", "--layout", "messages")
+    result = train(data, tiny_model, tmp_path / "out", "--max-steps", "2", "--eval-split", "0")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_merge_and_cloudflare_export(saige_data, tiny_model, tmp_path):
+    data = convert(saige_data, tmp_path / "train.csv", "--format", "llama3")
+    out = tmp_path / "adapter"
+    result = train(
+        data,
+        tiny_model,
+        out,
+        "--max-steps",
+        "2",
+        "--lora-rank",
+        "8",
+        "--merge",
+        "--export",
+        "cloudflare",
+        "--cloudflare-base",
+        "@cf/meta-llama/llama-2-7b-chat-hf-lora",
+    )
+    assert result.returncode == 0, result.stderr
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out / "merged").config.num_hidden_layers == 2
+    export = out / "cloudflare"
+    assert sorted(p.name for p in export.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((export / "adapter_config.json").read_text())
+    assert config["model_type"] == "llama" and config["r"] <= 8
+    assert "wrangler ai finetune create @cf/meta-llama/llama-2-7b-chat-hf-lora" in result.stderr
+
+
+def test_cloudflare_export_refuses_rank_over_limit_before_training(saige_data, tiny_model, tmp_path):
+    data = convert(saige_data, tmp_path / "train.csv")
+    result = train(
+        data,
+        tiny_model,
+        tmp_path / "out",
+        "--export",
+        "cloudflare",
+        "--cloudflare-base",
+        "@cf/mistral/mistral-7b-instruct-v0.2-lora",
+    )
+    assert result.returncode == 2
+    assert "--lora-rank 8" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(saige_data, tiny_model, tmp_path):
+    data = convert(saige_data, tmp_path / "train.csv", "--format", "chatml")
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        str(ROOT / SCRIPT),
+        "--data",
+        str(data),
+        "--model",
+        str(tiny_model),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "1",
+        "--max-steps",
+        "300",
+        "--save-steps",
+        "20",
+        "--eval-split",
+        "0",
+        "-q",
+    ]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not (out / "checkpoint-20").exists():  # training is under way
+        assert proc.poll() is None and time.monotonic() < deadline, "training never reached step 20"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    steps = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert steps and steps[-1] < 300, "the interrupted step is saved as a checkpoint"
+    result = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "training_summary.json").read_text())["steps"] == 300
+
+
+@pytest.mark.parametrize(
+    "args, message, code",
+    [
+        (["--data", "missing.csv"], "data file not found", 1),
+        (["--use-4bit"], "need a CUDA GPU", 2),
+        (["--model", "no/such-model-offline"], "cannot load model", 1),
+        (["--model", "missing.gguf"], "model file not found", 1),
+        (["--lora-rank", "0"], "must be a positive integer", 2),
+        (["--use-4bit", "--use-8bit"], "not allowed with argument", 2),
+    ],
+)
+def test_bad_input_is_one_clear_line(saige_data, tiny_model, tmp_path, args, message, code):
+    data = convert(saige_data, tmp_path / "train.csv")
+    base = ["--data", data, "--model", tiny_model, "--output-dir", tmp_path / "out"]
+    result = run(SCRIPT, *base, *args, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_data_without_usable_column(tiny_model, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("question,answer\nhi,hello\n")
+    result = run(SCRIPT, "--data", bad, "--model", tiny_model, "--output-dir", tmp_path / "out")
+    assert result.returncode == 1 and "no 'text', 'messages' or 'prompt'/'completion' column" in result.stderr
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text\n")
+    result = run(SCRIPT, "--data", empty, "--model", tiny_model, "--output-dir", tmp_path / "out")
+    assert result.returncode == 1 and "no rows" in result.stderr
+
+
+def test_long_rows_are_truncated_and_counted(saige_data, tiny_model, tmp_path):
+    data = convert(saige_data, tmp_path / "train.csv", "--format", "chatml")
+    args = ["--data", data, "--model", tiny_model, "--output-dir", tmp_path / "out", "--dry-run"]
+    result = run(SCRIPT, *args, "--max-length", "300")
+    assert result.returncode == 0, result.stderr
+    assert "examples are longer than --max-length 300 and are truncated" in result.stderr
+    result = run(SCRIPT, *args, "--max-length", "32")  # nothing of any answer fits
+    assert result.returncode == 1 and "raise --max-length" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_refuses_to_overwrite_a_finished_adapter(saige_data, tiny_model, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_bytes(b"x")
+    data = convert(saige_data, tmp_path / "train.csv")
+    result = train(data, tiny_model, out, "--max-steps", "1")
+    assert result.returncode == 1 and "--overwrite" in result.stderr
+    assert (out / "adapter_model.safetensors").read_bytes() == b"x"
+
+
+def test_help_lists_every_flag():
+    result = run(SCRIPT, "--help")
+    assert result.returncode == 0
+    for flag in [
+        "--data",
+        "--model",
+        "--use-4bit",
+        "--use-8bit",
+        "--lora-rank",
+        "--lora-alpha",
+        "--epochs",
+        "--batch-size",
+        "--learning-rate",
+        "--output-dir",
+        "--max-length",
+        "--packing",
+        "--gradient-accumulation-steps",
+        "--gradient-checkpointing",
+        "--lora-dropout",
+        "--target-modules",
+        "--warmup-ratio",
+        "--lr-scheduler",
+        "--seed",
+        "--eval-split",
+        "--save-steps",
+        "--resume",
+        "--max-steps",
+        "--report-to",
+        "--bf16",
+        "--fp16",
+        "--merge",
+        "--export",
+        "--train-on-prompt",
+        "--overwrite",
+        "--trust-remote-code",
+        "--allow-cpu-fallback",
+        "--dry-run",
+        "pip install",
+    ]:
+        assert flag in result.stdout, flag
+    assert "TinyLlama/TinyLlama-1.1B-Chat-v1.0" in result.stdout and "./saige-finetuned" in result.stdout
+
+
+@pytest.mark.slow
+def test_smollm2_loss_falls(tmp_path, saige_data):
+    data = convert(saige_data, tmp_path / "train.csv", "--format", "chatml")
+    out = tmp_path / "smol"
+    result = run(
+        SCRIPT,
+        "--data",
+        data,
+        "--model",
+        "offline",
+        "--output-dir",
+        out,
+        "--max-steps",
+        "12",
+        "--batch-size",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        "--logging-steps",
+        "1",
+        "--eval-split",
+        "0",
+        "-q",
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr
+    history = [
+        h["loss"] for h in json.loads((out / "training_summary.json").read_text())["loss_history"] if "loss" in h
+    ]
+    assert sum(history[-3:]) / 3 < sum(history[:3]) / 3

