@@ -495,7 +495,8 @@ def score_response(scenario: dict, response: str) -> dict:
     principles = {"ahimsa": ahimsa, "sacca": sacca, "karuna": karuna, "panna": panna, "upekkha": upekkha}
     principles = {k: round(clamp(v, 0, 10), 1) for k, v in principles.items()}
 
-    weighted = sum(SCORE_WEIGHTS[k] * principles[k] for k in SCORE_WEIGHTS)
+    # rounded once, so the reported score and its alignment level can never disagree (3.9999999999999996)
+    weighted = round(sum(SCORE_WEIGHTS[k] * principles[k] for k in SCORE_WEIGHTS), 2)
     details = {
         "cues": {k: v for k, v in cues.items() if v},
         "flags": flags,
@@ -574,6 +575,7 @@ def connect(path: str) -> sqlite3.Connection:
 
 def init_database(path: str, bank_path: Path) -> int:
     """Create the schema and, when there are no scenarios yet, load the bank. Returns scenarios added."""
+    bank = None if Path(path).exists() else load_bank(bank_path)  # a bad bank must not leave an empty new DB
     conn = sqlite3.connect(path)
     try:
         conn.execute("PRAGMA journal_mode = WAL")
@@ -581,7 +583,7 @@ def init_database(path: str, bank_path: Path) -> int:
             conn.executescript(SCHEMA)
         if conn.execute("SELECT COUNT(*) FROM scenarios").fetchone()[0]:
             return 0  # never overwrite a user's scenarios
-        bank = load_bank(bank_path)
+        bank = bank or load_bank(bank_path)
         with conn:
             for item in bank:
                 cur = conn.execute(
@@ -676,6 +678,17 @@ def parse_int(text: str | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def parse_json_body(raw: bytes, strict: bool):
+    """The JSON body. Malformed JSON is a 500 with the parser's message on the contract's endpoints (what the
+    real worker answers), a 400 on our own (strict)."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        if strict:
+            raise ApiError(400, f"Malformed JSON: {e}") from None
+        raise ApiError(500, "Unexpected end of JSON input" if not raw else f"Malformed JSON: {e}", cors=True) from None
+
+
 def get_scenario(conn, query: dict, body) -> tuple[int, dict]:
     difficulty = parse_int(query.get("difficulty", [None])[0])
     difficulty = DEFAULT_DIFFICULTY if difficulty is None else difficulty
@@ -699,10 +712,17 @@ def outcome_request(body) -> tuple[int, str]:
         raise ApiError(400, "Missing scenario_id or response")
     if not isinstance(body["response"], str):
         raise ApiError(500, "response.toLowerCase is not a function", cors=True)  # the real worker's TypeError
-    scenario_id = body["scenario_id"]
-    if isinstance(scenario_id, bool) or not isinstance(scenario_id, (int, str)) or parse_int(str(scenario_id)) is None:
+    return scenario_key(body["scenario_id"]), body["response"]
+
+
+def scenario_key(value) -> int:
+    """A scenario id as the real worker's D1 lookup sees it: an integer, or a string of digits ("22"); any other
+    string finds no scenario (404), any other type is a bad request."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ApiError(400, "scenario_id must be an integer")
-    return parse_int(str(scenario_id)), body["response"]
+    if isinstance(value, str) and not re.fullmatch(r"\s*\d+\s*", value):
+        raise ApiError(404, "Scenario not found")
+    return int(value)
 
 
 def load_scenario(conn, scenario_id: int) -> dict:
@@ -747,10 +767,7 @@ def score_only(conn, query: dict, body) -> tuple[int, dict]:
         if not isinstance(scenario.get("context"), str):
             raise ApiError(400, "scenario.context must be a string")
     elif body.get("scenario_id") is not None:
-        scenario_id = parse_int(str(body["scenario_id"])) if not isinstance(body["scenario_id"], bool) else None
-        if scenario_id is None:
-            raise ApiError(400, "scenario_id must be an integer")
-        scenario = load_scenario(conn, scenario_id)
+        scenario = load_scenario(conn, scenario_key(body["scenario_id"]))
     else:
         raise ApiError(400, "Missing scenario_id or scenario")
     return 200, score_response(scenario, response)
@@ -787,17 +804,15 @@ def health(conn, query: dict, body) -> tuple[int, dict]:
     return 200, {"status": "ok", **counts, "db": db}
 
 
-ROUTES = {
-    ("GET", "/api/get-scenario"): get_scenario,
-    ("POST", "/api/get-scenario"): get_scenario,  # the real worker does not check the method
-    ("POST", "/api/simulate-outcome"): simulate_outcome,
-    ("GET", "/api/stats"): stats,
-    ("POST", "/api/stats"): stats,
-    ("POST", "/api/score"): score_only,
-    ("GET", "/api/scenarios"): list_scenarios,
-    ("GET", "/health"): health,
+ANY_METHOD = None
+ROUTES = {  # path -> (allowed method, handler, takes a JSON body)
+    "/api/get-scenario": (ANY_METHOD, get_scenario, False),  # the real worker does not check the method
+    "/api/stats": (ANY_METHOD, stats, False),
+    "/api/simulate-outcome": ("POST", simulate_outcome, True),
+    "/api/score": ("POST", score_only, True),
+    "/api/scenarios": ("GET", list_scenarios, False),
+    "/health": ("GET", health, False),
 }
-JSON_BODY_ROUTES = {"/api/simulate-outcome", "/api/score"}
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
@@ -809,6 +824,8 @@ class Handler(BaseHTTPRequestHandler):
     """Routes requests to the handler functions; each thread keeps its own SQLite connection."""
 
     protocol_version = "HTTP/1.1"  # keep-alive: collectors reuse one connection for many episodes
+    # Headers and body go out in two writes; with Nagle on, the second waits ~40 ms for the client's delayed ACK.
+    disable_nagle_algorithm = True
     server_version = "saige-worker"
     db_path = ""
     token = None
@@ -816,6 +833,7 @@ class Handler(BaseHTTPRequestHandler):
     local = threading.local()
 
     def do_OPTIONS(self):
+        self.read_body()
         self.send(200, b"", {**CORS_HEADERS})
 
     def do_GET(self):
@@ -824,17 +842,27 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self.dispatch("POST")
 
+    def do_PUT(self):
+        self.dispatch("PUT")
+
+    def do_PATCH(self):
+        self.dispatch("PATCH")
+
+    def do_DELETE(self):
+        self.dispatch("DELETE")
+
     def dispatch(self, method: str) -> None:
         url = urlparse(self.path)
-        route = ROUTES.get((method, url.path))
+        allowed, handler, takes_json = ROUTES.get(url.path, ("", None, False))
         try:
-            body = self.read_body(url.path in JSON_BODY_ROUTES)
+            raw = self.read_body()
             if self.token and self.headers.get("Authorization") != f"Bearer {self.token}":
                 raise ApiError(401, "Unauthorized")
-            if route is None:
+            if handler is None or allowed not in (ANY_METHOD, method):
                 self.send(404, b"Not found", {"Content-Type": "text/plain"})
                 return
-            status, payload = route(self.connection_for_thread(), parse_qs(url.query), body)
+            body = parse_json_body(raw, strict=url.path == "/api/score") if takes_json else None
+            status, payload = handler(self.connection_for_thread(), parse_qs(url.query), body)
             self.send_json(status, payload, cors=True)
         except ApiError as e:
             self.send_json(e.status, {"error": e.message}, cors=e.cors)
@@ -847,23 +875,29 @@ class Handler(BaseHTTPRequestHandler):
             self.log_error("internal error: %r", e)
             self.send_json(500, {"error": str(e) or type(e).__name__}, cors=True)
 
-    def read_body(self, parse_json: bool):
-        """The request body: parsed JSON for JSON routes (malformed JSON is the real worker's 500)."""
+    def read_body(self) -> bytes:
+        """The raw request body (Content-Length or chunked), read whole so the connection stays in step."""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            return self.read_chunked()
         length = parse_int(self.headers.get("Content-Length")) or 0
         if length > MAX_BODY_BYTES:
             self.close_connection = True  # don't read a huge body just to discard it
             raise ApiError(413, f"Request body over {MAX_BODY_BYTES} bytes")
-        raw = self.rfile.read(length) if length > 0 else b""
-        if not parse_json:
-            return None
-        try:
-            return json.loads(raw.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            if self.path.startswith("/api/score"):
-                raise ApiError(400, f"Malformed JSON: {e}") from None
-            raise ApiError(
-                500, "Unexpected end of JSON input" if not raw else f"Malformed JSON: {e}", cors=True
-            ) from None
+        return self.rfile.read(length) if length > 0 else b""
+
+    def read_chunked(self) -> bytes:
+        body = b""
+        while True:
+            size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                    pass
+                return body
+            body += self.rfile.read(size)
+            self.rfile.readline()
+            if len(body) > MAX_BODY_BYTES:
+                self.close_connection = True
+                raise ApiError(413, f"Request body over {MAX_BODY_BYTES} bytes")
 
     def connection_for_thread(self) -> sqlite3.Connection:
         conn = getattr(self.local, "conn", None)

@@ -317,10 +317,6 @@ def test_get_scenario_accepts_post(shared):
     assert r.json()["difficulty_level"] <= 3
 
 
-@pytest.mark.xfail(
-    reason="contract: get-scenario and stats do not check the method; the worker answers other methods 501 HTML",
-    strict=True,
-)
 @pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH"])
 @pytest.mark.parametrize("path", ["/api/get-scenario", "/api/stats"])
 def test_get_scenario_and_stats_ignore_the_method(shared, method, path):
@@ -426,6 +422,8 @@ INVALID = {"error": "Invalid request body"}
         (b"null", 400, INVALID),
         (b'"hello"', 400, INVALID),
         (b'{"scenario_id": 99999, "response": "hi"}', 404, {"error": "Scenario not found"}),
+        (b'{"scenario_id": "1abc", "response": "hi"}', 404, {"error": "Scenario not found"}),
+        (b'{"scenario_id": "1.5", "response": "hi"}', 404, {"error": "Scenario not found"}),
         (b'{"scenario_id": 1, "response": "hi"', 500, None),
         (b"", 500, None),
         (b'{"scenario_id": 1, "response": 123}', 500, None),
@@ -500,21 +498,11 @@ def test_unknown_path_is_plain_text_404(shared, method, path):
     assert r.headers["Content-Type"].startswith("text/plain")
 
 
-@pytest.mark.xfail(
-    reason="simulate-outcome checks the method (contract names only get-scenario and stats as method-agnostic), "
-    "so GET falls to 404 'Not found'; the worker parses the empty body first and answers 500 "
-    "'Unexpected end of JSON input'",
-    strict=True,
-)
 def test_simulate_outcome_with_get_is_plain_text_404(shared):
     r = requests.get(f"{shared.url}/api/simulate-outcome", timeout=HTTP_TIMEOUT_S)
     assert (r.status_code, r.text) == (404, "Not found")
 
 
-@pytest.mark.xfail(
-    reason="contract: any other path answers 404 'Not found'; the worker answers PUT/DELETE/PATCH with 501 HTML",
-    strict=True,
-)
 @pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH"])
 def test_unknown_path_is_plain_text_404_for_any_method(shared, method):
     r = requests.request(method, f"{shared.url}/nope", timeout=HTTP_TIMEOUT_S)
@@ -661,11 +649,6 @@ def test_token_missing_stores_nothing(token_worker):
     assert experience_count(token_worker.db) == before
 
 
-@pytest.mark.xfail(
-    reason="the worker reads and parses the body before it checks the token: no Authorization header plus a "
-    "malformed or empty body answers 500 with the parser's message instead of 401",
-    strict=True,
-)
 @pytest.mark.parametrize("body", [b'{"scenario_id": 1', b""], ids=["malformed-json", "empty-body"])
 def test_token_is_checked_before_the_body(token_worker, body):
     r = post_raw(f"{token_worker.url}/api/simulate-outcome", body)
@@ -673,12 +656,6 @@ def test_token_is_checked_before_the_body(token_worker, body):
 
 
 # --- keep-alive ---------------------------------------------------------------------------------------------
-@pytest.mark.xfail(
-    reason="performance defect, not a contract clause: each response is written in two send() calls "
-    "(headers, then body) with Nagle on, so on a reused connection every request waits ~40 ms for the "
-    "client's delayed ACK (measured: 43 ms per request on a requests.Session vs 1.2 ms on new connections)",
-    strict=True,
-)
 def test_keep_alive_requests_are_not_delayed(shared):
     with requests.Session() as s:
         s.get(f"{shared.url}/health", timeout=HTTP_TIMEOUT_S)  # open the connection
