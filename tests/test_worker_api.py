@@ -441,6 +441,8 @@ INVALID = {"error": "Invalid request body"}
         "null",
         "json-string",
         "unknown-scenario",
+        "non-numeric-string-id",
+        "decimal-string-id",
         "malformed-json",
         "empty-body",
         "non-string-response",
