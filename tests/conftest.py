@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +43,84 @@ def demo_db(tmp_path: Path) -> Path:
     path = tmp_path / "demo.db"
     saige_db.build_demo(path)
     return path
+
+
+@contextlib.contextmanager
+def start_worker(db: Path, *args: str):
+    """A real saige_worker.py on a free loopback port (created with --init); yields its URL, stops it after."""
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "saige_worker.py"), "--db", str(db), "--init", "--port", "0", "--quiet", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"http://[\d.]+:\d+", line)
+        assert match, f"the worker did not start: {line!r}"
+        yield match.group(0)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def worker_url(tmp_path_factory):
+    """One local worker with the bundled scenario bank, shared by the tests that only score."""
+    with start_worker(tmp_path_factory.mktemp("worker") / "saige.db") as url:
+        yield url
+
+
+SPECIALS = [
+    "<s>",
+    "</s>",
+    "<unk>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "[INST]",
+    "[/INST]",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer Llama with a byte-level BPE tokenizer that knows every chat format's special tokens."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    corpus = [
+        s["context"] + " " + s["expected_response"] for s in json.loads((ROOT / "data" / "scenarios.json").read_text())
+    ]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=1000, min_frequency=2, special_tokens=SPECIALS)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
+    )
+    tok.chat_template = CHATML
+    tok.save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder

@@ -1,0 +1,249 @@
+"""test_model.py, run as a user runs it: tiny models answer, a real local worker on loopback scores."""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run
+
+sys.path.insert(0, str(ROOT))
+import saige_to_sft  # noqa: E402
+import test_model  # noqa: E402
+
+SCRIPT = "test_model.py"
+
+
+def evaluate(*args, timeout: float = 300):
+    return run(SCRIPT, "--max-new-tokens", "8", "-q", *args, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def second_model(tiny_model, tmp_path_factory) -> Path:
+    """Another tiny model: same tokenizer, different weights, so a comparison has two sides."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("second")
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_config(AutoModelForCausalLM.from_pretrained(tiny_model).config)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
+    return folder
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return struct.unpack(">II", header[16:24])
+
+
+def test_report_json_and_plot(tiny_model, worker_url, tmp_path):
+    out = {"report": tmp_path / "report.md", "json": tmp_path / "results.json", "plot": tmp_path / "results.png"}
+    result = evaluate(
+        "--model",
+        tiny_model,
+        "--worker-url",
+        worker_url,
+        "--limit",
+        "6",
+        "--report",
+        out["report"],
+        "--json",
+        out["json"],
+        "--plot",
+        out["plot"],
+    )
+    assert result.returncode == 0, result.stderr
+    assert "weighted score (0-10)" in result.stdout and "karuna" in result.stdout
+    data = json.loads(out["json"].read_text())
+    assert len(data["results"][str(tiny_model)]) == 6
+    summary = data["summaries"][str(tiny_model)]
+    assert 0 <= summary["weighted_score"] <= 10 and 0 <= summary["total_harm"] <= 1
+    assert set(summary) >= {"ahimsa", "sacca", "karuna", "panna", "upekkha", "deception", "distinct2", "mean_words"}
+    report = out["report"].read_text()
+    assert "| metric |" in report and "the three best answers" in report and "the three worst answers" in report
+    assert png_size(out["plot"]) == (900, 700)
+
+
+def test_compare_pairs_the_same_scenarios(tiny_model, second_model, worker_url, tmp_path):
+    out = tmp_path / "results.json"
+    result = evaluate(
+        "--model",
+        tiny_model,
+        "--compare",
+        second_model,
+        "--worker-url",
+        worker_url,
+        "--limit",
+        "5",
+        "--json",
+        out,
+        "--bootstrap",
+        "500",
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    mine, theirs = data["results"][str(tiny_model)], data["results"][str(second_model)]
+    assert [r["scenario_id"] for r in mine] == [r["scenario_id"] for r in theirs]
+    comparison = data["comparison"]
+    assert comparison["scenarios"] == 5 and comparison["wins"] + comparison["ties"] + comparison["losses"] == 5
+    low, high = comparison["ci95"]
+    assert low <= comparison["mean_difference"] <= high
+    assert "95% CI" in result.stdout and "difference" in result.stdout
+
+
+def test_heldout_split_is_the_default_suite(tiny_model, worker_url, tmp_path):
+    import requests
+
+    heldout = {
+        s["id"] for s in requests.get(f"{worker_url}/api/scenarios", params={"split": "heldout"}).json()["scenarios"]
+    }
+    out = tmp_path / "r.json"
+    assert evaluate("--model", tiny_model, "--worker-url", worker_url, "--json", out).returncode == 0
+    ids = {r["scenario_id"] for r in json.loads(out.read_text())["results"][str(tiny_model)]}
+    assert ids == heldout
+
+
+def test_suite_file_with_bad_rows(tiny_model, worker_url, tmp_path):
+    suite = tmp_path / "suite.jsonl"
+    good = {
+        "context": "Hello there!",
+        "person_state": {"vulnerability": "low", "mood": "neutral"},
+        "facts": [],
+        "critical_info": [],
+        "harm_type": "none",
+        "difficulty_level": 1,
+    }
+    suite.write_text("\n".join([json.dumps(good), "{not json", json.dumps({"context": ""}), json.dumps(good)]) + "\n")
+    out = tmp_path / "r.json"
+    result = evaluate("--model", tiny_model, "--worker-url", worker_url, "--suite", suite, "--json", out)
+    assert result.returncode == 0, result.stderr
+    assert "skipped 2 suite rows" in result.stderr
+    assert len(json.loads(out.read_text())["results"][str(tiny_model)]) == 2
+
+
+def test_empty_answers_are_scored_and_counted(tiny_model, worker_url, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    silent = tmp_path / "silent"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.lm_head.weight.data.zero_()
+    model.lm_head.weight.data[AutoTokenizer.from_pretrained(tiny_model).bos_token_id] = 1.0  # only "<s>": empty text
+    model.save_pretrained(silent)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(silent)
+    out = tmp_path / "r.json"
+    result = evaluate("--model", silent, "--worker-url", worker_url, "--limit", "3", "--json", out)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(out.read_text())["summaries"][str(silent)]
+    assert summary["empty_answers"] == 3 and summary["weighted_score"] < 2
+
+
+def test_fail_below_gates(tiny_model, worker_url):
+    result = evaluate("--model", tiny_model, "--worker-url", worker_url, "--limit", "2", "--fail-below", "9.9")
+    assert result.returncode == 1 and "below --fail-below 9.9" in result.stderr
+
+
+def test_adapter_with_missing_base_names_it(tiny_model, worker_url, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/nowhere/base.gguf"}))
+    result = evaluate("--model", adapter, "--worker-url", worker_url)
+    assert result.returncode == 1
+    assert (
+        "/nowhere/base.gguf" in result.stderr and "--base-model" in result.stderr and "Traceback" not in result.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [("/no/such/model-dir", "cannot load"), ("missing.gguf", "model file not found")],
+)
+def test_missing_model(worker_url, model, message):
+    result = evaluate("--model", model, "--worker-url", worker_url, "--limit", "1")
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_directory_that_is_not_a_model(worker_url, tmp_path):
+    result = evaluate("--model", tmp_path, "--worker-url", worker_url, "--limit", "1")
+    assert result.returncode == 1 and "is not a model" in result.stderr
+
+
+def test_worker_unreachable_says_how_to_start_it(tiny_model):
+    result = evaluate("--model", tiny_model, "--worker-url", "http://127.0.0.1:9")
+    assert result.returncode == 1
+    assert "python saige_worker.py --db ./saige.db --init" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_empty_suite(tiny_model, worker_url):
+    result = evaluate("--model", tiny_model, "--worker-url", worker_url, "--scenario-ids", "999999")
+    assert result.returncode == 1 and "the suite is empty" in result.stderr
+
+
+def test_one_prompt_mode(tiny_model, worker_url):
+    result = evaluate("--model", tiny_model, "--worker-url", worker_url, "--prompt", "Hello!")
+    assert result.returncode == 0, result.stderr
+    assert "weighted" in result.stderr
+
+
+def test_samples_need_temperature(tiny_model):
+    result = evaluate("--model", tiny_model, "--samples", "3")
+    assert result.returncode == 2 and "--temperature" in result.stderr
+
+
+def test_prompt_matches_the_converter():
+    assert test_model.DEFAULT_SYSTEM_PROMPT == saige_to_sft.DEFAULT_SYSTEM_PROMPT
+    state = {"vulnerability": "high", "mood": "anxious"}
+    assert test_model.user_turn(" Help me. ", state) == saige_to_sft.user_turn(" Help me. ", state)
+    assert test_model.DEFAULT_WORKER_URL == "http://localhost:8787"
+
+
+def test_help_lists_every_flag():
+    result = run(SCRIPT, "--help")
+    assert result.returncode == 0
+    for flag in [
+        "--model",
+        "--base-model",
+        "--compare",
+        "--worker-url",
+        "--split",
+        "--samples",
+        "--max-new-tokens",
+        "--report",
+        "--json",
+        "--plot",
+        "--suite",
+        "--scenario-ids",
+        "--prompt",
+        "--temperature",
+        "--fail-below",
+        "--seed",
+        "--bootstrap",
+    ]:
+        assert flag in result.stdout, flag
+
+
+@pytest.mark.slow
+def test_smollm2_on_ten_heldout_scenarios(worker_url, tmp_path):
+    out = tmp_path / "smol.json"
+    result = run(
+        SCRIPT,
+        "--model",
+        "offline",
+        "--worker-url",
+        worker_url,
+        "--limit",
+        "10",
+        "--max-new-tokens",
+        "64",
+        "--json",
+        out,
+        "-q",
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(out.read_text())["summaries"]["offline"]
+    assert summary["answers"] == 10 and summary["empty_answers"] < 10
