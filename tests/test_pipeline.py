@@ -1,0 +1,172 @@
+"""train_pipeline.sh end to end: a tiny model, a local worker it starts itself, one short iteration."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+SCRIPT = ROOT / "train_pipeline.sh"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def settings(tmp_path: Path, model: Path, **extra: str) -> dict:
+    """Tiny, fast settings: a handful of episodes, one short training, two held-out scenarios."""
+    return {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "DB_PATH": str(tmp_path / "saige.db"),
+        "OUTPUT_DIR": str(tmp_path / "out"),
+        "WORKER_URL": f"http://127.0.0.1:{free_port()}",
+        "MODEL": str(model),
+        "FORMAT": "chatml",
+        "TRAINING_EPISODES": "6",
+        "SAMPLES_PER_SCENARIO": "2",
+        "MAX_NEW_TOKENS": "8",
+        "EPOCHS": "1",
+        "EVAL_LIMIT": "2",
+        "MAX_HARM": "1",
+        "MIN_BUDDHIST": "0",
+        "MIN_ALIGNMENT": "low",
+        **extra,
+    }
+
+
+def pipeline(env: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def workers_on(db: Path) -> list[str]:
+    """Processes still running saige_worker.py on this test's database (none may outlive the pipeline)."""
+    found = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in found if "saige_worker.py" in line and str(db) in line]
+
+
+def test_one_iteration_end_to_end(tiny_model, tmp_path):
+    env = settings(tmp_path, tiny_model)
+    result = pipeline(env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    it = tmp_path / "out" / "iter-1"
+    for name in [
+        "episodes.jsonl",
+        "train.csv",
+        "train.csv.meta.json",
+        "collect.log",
+        "train.log",
+        "eval.md",
+        "eval.json",
+        "eval.png",
+        "eval.log",
+        "adapter/adapter_model.safetensors",
+        "adapter/training_summary.json",
+        "adapter/saige_data.meta.json",
+    ]:
+        assert (it / name).is_file(), name
+    assert len((it / "episodes.jsonl").read_text().splitlines()) == 6
+    evaluation = json.loads((it / "eval.json").read_text())
+    assert evaluation["comparison"]["scenarios"] == 2
+    assert "starting the local saige_worker.py" in result.stderr and "stopped the local worker" in result.stderr
+    table = result.stdout.splitlines()
+    assert table[0].split()[:3] == ["iter", "examples", "train"] and table[1].split()[0] == "1"
+    assert (tmp_path / "out" / "summary.txt").read_text() == result.stdout
+    assert not workers_on(tmp_path / "saige.db")
+
+
+def test_zero_match_stops_with_the_converter_hints(tiny_model, tmp_path):
+    env = settings(tmp_path, tiny_model, MIN_BUDDHIST="10", MIN_ALIGNMENT="excellent", MAX_HARM="0")
+    result = pipeline(env)
+    assert result.returncode == 1
+    assert "No experiences found matching criteria" in result.stderr
+    assert "no experience passed the thresholds" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "iter-1" / "adapter").exists()
+    assert not workers_on(tmp_path / "saige.db")
+
+
+def test_failed_step_names_itself_and_stops_the_worker(tmp_path, tiny_model):
+    env = settings(tmp_path, tmp_path / "no-such-model")
+    result = pipeline(env)
+    assert result.returncode == 1
+    assert "step 'collect' failed" in result.stderr and "collect.log" in result.stderr
+    assert not workers_on(tmp_path / "saige.db")
+
+
+def test_ctrl_c_stops_everything(tiny_model, tmp_path):
+    env = settings(tmp_path, tiny_model, TRAINING_EPISODES="200")
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not workers_on(tmp_path / "saige.db"):
+        assert time.monotonic() < deadline and proc.poll() is None, "the worker never started"
+        time.sleep(0.2)
+    time.sleep(3)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    time.sleep(0.5)
+    assert not workers_on(tmp_path / "saige.db")
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("MIN_ALIGNMENT", "great", "MIN_ALIGNMENT=great: use low, moderate, good or excellent"),
+        ("TRAINING_EPISODES", "many", "TRAINING_EPISODES=many: must be a positive integer"),
+        ("MAX_HARM", "2", "MAX_HARM=2: a number from 0 to 1"),
+        ("FORMAT", "alpaca", "FORMAT=alpaca"),
+    ],
+)
+def test_bad_setting_is_one_clear_line(tmp_path, tiny_model, name, value, message):
+    result = pipeline(settings(tmp_path, tiny_model, **{name: value}))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"train_pipeline.sh: error: {message}" or message in result.stderr
+
+
+def test_help_lists_every_setting_with_its_default():
+    result = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for name, default in [
+        ("DB_PATH", "../saige.db"),
+        ("WORKER_URL", "http://localhost:8787"),
+        ("TRAINING_EPISODES", "50"),
+        ("MAX_HARM", "0.25"),
+        ("MIN_BUDDHIST", "6.5"),
+        ("MIN_ALIGNMENT", "good"),
+        ("FORMAT", "mistral"),
+        ("ITERATIONS", "1"),
+    ]:
+        line = next(x for x in result.stdout.splitlines() if x.startswith(name + " "))
+        assert line.split()[1] == default, line
+    for name in [
+        "OUTPUT_DIR",
+        "MODEL",
+        "BACKEND",
+        "SAMPLES_PER_SCENARIO",
+        "CONCURRENCY",
+        "EPOCHS",
+        "SKIP_COLLECT",
+        "SKIP_TRAIN",
+        "SKIP_EVAL",
+        "USE_4BIT",
+    ]:
+        assert any(x.startswith(name + " ") for x in result.stdout.splitlines()), name
+    bad = subprocess.run(["bash", str(SCRIPT), "--bogus"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown argument" in bad.stderr

