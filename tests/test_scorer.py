@@ -160,3 +160,14 @@ def test_outcome_follows_the_contract_formulas():
 def test_scripts_share_the_contract_constants():
     assert saige_worker.SCORE_WEIGHTS == saige_to_sft.SCORE_WEIGHTS
     assert [level for _, level in saige_worker.ALIGNMENT_THRESHOLDS][::-1] == saige_to_sft.ALIGNMENT_LEVELS[1:]
+
+
+def test_scripts_write_the_same_contract_schema():
+    import collect_experiences
+    import saige_db
+
+    def tables(schema: str) -> list[str]:
+        return [" ".join(t.split()) for t in schema.split(";") if "CREATE" in t and "scenario_splits" not in t]
+
+    assert tables(collect_experiences.SCHEMA) == tables(saige_db.SCHEMA)
+    assert tables(saige_worker.SCHEMA) == tables(saige_db.SCHEMA)
