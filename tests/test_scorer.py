@@ -163,8 +163,9 @@ def test_scripts_share_the_contract_constants():
 
 
 def test_scripts_write_the_same_contract_schema():
-    import collect_experiences
     import saige_db
+
+    import collect_experiences
 
     def tables(schema: str) -> list[str]:
         return [" ".join(t.split()) for t in schema.split(";") if "CREATE" in t and "scenario_splits" not in t]
