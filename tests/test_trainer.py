@@ -141,7 +141,7 @@ DEPLOYED = [
 ]
 
 
-@pytest.mark.parametrize("fmt", ["mistral", "chatml"])
+@pytest.mark.parametrize("fmt", ["mistral", "chatml", "tinyllama"])
 def test_training_writes_the_files_users_deploy(saige_data, tiny_model, tmp_path, fmt):
     data = convert(saige_data, tmp_path / "train.csv", "--format", fmt)
     out = tmp_path / "adapter"
@@ -165,8 +165,9 @@ def test_training_writes_the_files_users_deploy(saige_data, tiny_model, tmp_path
     assert generated.shape[1] > 1
 
 
-def test_messages_jsonl_trains(saige_data, tiny_model, tmp_path):
-    data = convert(saige_data, tmp_path / "train.jsonl", "--output-format", "jsonl", "--layout", "messages")
+@pytest.mark.parametrize("layout", ["messages", "prompt-completion"])
+def test_jsonl_layouts_train(saige_data, tiny_model, tmp_path, layout):
+    data = convert(saige_data, tmp_path / "train.jsonl", "--output-format", "jsonl", "--layout", layout)
     result = train(data, tiny_model, tmp_path / "out", "--max-steps", "2", "--eval-split", "0")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
