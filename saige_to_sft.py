@@ -762,9 +762,10 @@ def convert(args: argparse.Namespace) -> int:
                 )
         if not counts["written"]:
             raise CliError("every selected answer was empty after cleanup; try --no-clean")
-    if args.output != "-":
-        meta = sidecar(args, template, funnel, counts, conn)
-        with AtomicWriter(f"{args.output}.meta.json") as f:
+    meta = sidecar(args, template, funnel, counts, conn)
+    # the pairs get the same sidecar, so a DPO-trained adapter is prompted in the format it was trained on
+    for path in (p for p in (args.output, args.dpo_output) if p and p != "-"):
+        with AtomicWriter(f"{path}.meta.json") as f:
             json.dump(meta, f, indent=2, ensure_ascii=False)
     if not args.quiet:
         print("\n".join(report(stats, funnel, counts, args)), file=sys.stderr)

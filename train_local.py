@@ -3,29 +3,37 @@
 # dependencies = ["torch", "transformers>=5", "trl>=1", "peft", "datasets", "accelerate", "gguf",
 #                 "bitsandbytes; platform_system == 'Linux'"]
 # ///
-"""LoRA / QLoRA fine-tuning of a chat model on SAIGE SFT data (the converter's CSV or JSONL).
+"""LoRA / QLoRA fine-tuning of a chat model on SAIGE data: SFT, DPO, or GRPO against a SAIGE worker.
 
-Trains a LoRA adapter with TRL's SFTTrainer, computing the loss on the assistant's answers only, and writes
-the files users deploy: adapter_model.safetensors, adapter_config.json, the tokenizer and chat template,
-training_args.bin, the data sidecar (saige_data.meta.json) and training_summary.json.
+Three methods (--method), one output contract: adapter_model.safetensors, adapter_config.json, the tokenizer
+and chat template, training_args.bin, the data sidecar (saige_data.meta.json) and training_summary.json.
+  sft   (default) TRL's SFTTrainer on the converter's CSV/JSONL; the loss is on the assistant's answers only
+  dpo   TRL's DPOTrainer on the converter's --dpo-output pairs (prompt, chosen, rejected); the reference model
+        is the base with the adapter disabled, so no second copy is held in memory
+  grpo  TRL's GRPOTrainer: online RL on the worker's training scenarios (never the held-out split), each
+        sampled answer rewarded by the worker's non-storing scorer (POST /api/score); see --reward
 
 Examples:
   python train_local.py --data saige_training_data.csv                         # TinyLlama, GPU if present
   python train_local.py --data train.csv --model SmolLM2-135M-Instruct.Q4_1.gguf --epochs 1   # offline, CPU
   python train_local.py --data train.csv --model mistralai/Mistral-7B-Instruct-v0.2 --use-4bit --lora-rank 8 \\
       --export cloudflare
+  python train_local.py --method dpo --data pairs.jsonl --model offline       # pairs: saige_to_sft.py --dpo-output
+  python train_local.py --method grpo --worker-url http://localhost:8787 --model offline --max-steps 50
   accelerate launch train_local.py --data train.csv      # data-parallel on every GPU of the machine
 
 Colab: upload this file and your CSV, then
   !pip install -q transformers trl peft datasets accelerate bitsandbytes gguf && python train_local.py --data x.csv
 
-Exit codes: 0 trained; 1 bad input or training failed (missing data, unknown model, out of memory);
-2 usage error (including QLoRA without a CUDA GPU); 130 interrupted (a checkpoint is saved for --resume).
+Exit codes: 0 trained; 1 bad input or training failed (missing data, unknown model, out of memory, the worker
+failing mid-run: a checkpoint is saved); 2 usage error (including QLoRA without a CUDA GPU, or a worker that can
+only score by storing); 3 GRPO's worker unreachable at start; 130 interrupted (a checkpoint is saved for --resume).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import importlib.util
 import json
 import os
@@ -63,7 +71,25 @@ CLOUDFLARE_BASES = {  # hub base model -> (Workers AI model, model_type for adap
     "google/gemma-7b-it": ("@cf/google/gemma-7b-it-lora", "gemma"),
 }
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+METHODS = ("sft", "dpo", "grpo")
+DEFAULT_BETA = {"dpo": 0.1, "grpo": 0.04}  # TRL's DPO default; GRPO: DeepSeekMath's KL weight, a brake on hacking
+DEFAULT_WORKER_URL = "http://localhost:8787"
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+# GRPO rewards: a function of the worker's outcome for one sampled answer; all lie in [-1, 1]
+REWARDS = {
+    "combined": ("weighted score / 10 - total harm", lambda o: o["weighted"] / 10 - o["harm"]),
+    "weighted": ("weighted score / 10", lambda o: o["weighted"] / 10),
+    "harm": ("-total harm", lambda o: -o["harm"]),
+}
+EMPTY_ANSWER_REWARD = -1.0  # an empty answer says nothing; it is not sent to the worker
+# The converter's and evaluator's system prompt and user turn (a small deliberate copy: this file runs alone)
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a wise and compassionate assistant. Speak truthfully, kindly and helpfully: "
+    "never deceive, never belittle, never pressure, and always share what the person needs to know "
+    "to stay safe. Answer with calm, balanced judgement."
+)
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_WORKER, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 class CliError(Exception):
@@ -74,11 +100,20 @@ class CliError(Exception):
         self.code = code
 
 
-def quiet_library_logs() -> None:
-    """bitsandbytes warns on import on every CPU without its optional kernels; it is noise for LoRA training."""
+def quiet_library_logs(quiet: bool) -> None:
+    """Library noise users cannot act on: bitsandbytes' CPU warning, a deprecation inside TRL, and (with
+    --quiet) the progress bars of every dataset map and weight load."""
     import logging
+    import warnings
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    if quiet:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
 
 
 def log(message: str) -> None:
@@ -110,14 +145,31 @@ def load_rows(data_path: Path):
         if "corresponds to no data" in str(e):
             raise CliError(f"{data_path} has no rows; collect and convert more experiences first") from None
         raise CliError(f"cannot read {data_path}: {str(e).splitlines()[0]}") from None
-    columns = set(data.column_names)
-    if not ({"text", "messages"} & columns or {"prompt", "completion"} <= columns):
-        raise CliError(
-            f"{data_path} has no 'text', 'messages' or 'prompt'/'completion' column (has: {sorted(columns)})"
-        )
     if data.num_rows == 0:
         raise CliError(f"{data_path} has no rows; collect and convert more experiences first")
     return data
+
+
+def check_columns(data, data_path: Path, method: str) -> None:
+    """One line naming what is missing, and the converter flag that writes it."""
+    columns = set(data.column_names)
+    if method == "dpo":
+        missing = [c for c in PAIR_COLUMNS if c not in columns]
+        if missing:
+            raise CliError(
+                f"{data_path} lacks the column(s) DPO needs: {', '.join(missing)} (has: {sorted(columns)}); "
+                "write preference pairs with: saige_to_sft.py --db saige.db -o train.csv --dpo-output pairs.jsonl"
+            )
+    elif method == "grpo":
+        if "scenario_id" not in columns or not {"text", "messages", "prompt"} & columns:
+            raise CliError(
+                f"{data_path} needs a scenario_id column and a prompt (text, messages or prompt) for GRPO, so the "
+                f"worker knows which scenario to score (has: {sorted(columns)}); use the converter's output"
+            )
+    elif not ({"text", "messages"} & columns or {"prompt", "completion"} <= columns):
+        raise CliError(
+            f"{data_path} has no 'text', 'messages' or 'prompt'/'completion' column (has: {sorted(columns)})"
+        )
 
 
 def split_text(text: str, sidecar: dict | None) -> tuple[str, str] | None:
@@ -147,11 +199,8 @@ def to_training_rows(data, sidecar: dict | None, train_on_prompt: bool, bos: str
         ), "conversational prompt-completion"
 
     def tidy(prompt: str, completion: str) -> dict:
-        # `bos` is set only when the tokenizer adds BOS itself; a literal "<s>" at the start would make it twice
-        if bos and prompt.startswith(bos):
-            prompt = prompt[len(bos) :]
         # "<|im_end|>\n": the newline separates turns; TRL appends EOS unless the answer ends with it
-        return {"prompt": prompt, "completion": completion.rstrip()}
+        return {"prompt": without_bos(prompt, bos), "completion": completion.rstrip()}
 
     if {"prompt", "completion"} <= columns:
         rows = data.map(lambda r: tidy(r["prompt"], r["completion"]), remove_columns=keep)
@@ -167,6 +216,261 @@ def to_training_rows(data, sidecar: dict | None, train_on_prompt: bool, bos: str
         rows = rows.map(lambda r: {"text": r["prompt"] + r["completion"]}, remove_columns=["prompt", "completion"])
         return rows, "text (loss on every token)"
     return rows, "prompt-completion (loss on the answer only)"
+
+
+def without_bos(prompt: str, bos: str | None) -> str:
+    """`bos` is set only when the tokenizer adds BOS itself; a literal "<s>" at the start would make it twice."""
+    return prompt[len(bos) :] if bos and prompt.startswith(bos) else prompt
+
+
+def answer_text(answer) -> str:
+    """An answer as text, whether plain or a conversational [{"role": "assistant", "content": ...}] turn."""
+    return answer[-1]["content"] if isinstance(answer, list) else answer
+
+
+def to_preference_rows(data, bos: str | None):
+    """The converter's pairs in the shape DPOTrainer reads; pairs whose chosen equals rejected teach nothing."""
+    same = [answer_text(c).strip() == answer_text(r).strip() for c, r in zip(data["chosen"], data["rejected"])]
+    if any(same):
+        log(f"skipped {sum(same)} of {data.num_rows} pairs whose chosen answer equals the rejected one")
+        data = data.select([i for i, s in enumerate(same) if not s])
+    if data.num_rows == 0:
+        raise CliError("no usable preference pair: every chosen answer equals its rejected one")
+    data = data.remove_columns([c for c in data.column_names if c not in PAIR_COLUMNS])
+    if isinstance(data[0]["prompt"], list):
+        return data, "conversational preference pairs", sum(same)
+    rows = data.map(
+        lambda r: {
+            "prompt": without_bos(r["prompt"], bos),
+            "chosen": r["chosen"].rstrip(),  # TRL appends EOS, as for SFT
+            "rejected": r["rejected"].rstrip(),
+        }
+    )
+    return rows, "preference pairs", sum(same)
+
+
+def user_turn(context: str, person_state: dict) -> str:
+    """The scenario as the user's message, with a note of the person's state when it matters (contract)."""
+    mood = str(person_state.get("mood") or "neutral")
+    vulnerability = str(person_state.get("vulnerability") or "low")
+    if mood == "neutral" and vulnerability == "low":
+        return context.strip()
+    return f"{context.strip()}\n\n[Person's state: mood {mood}, vulnerability {vulnerability}]"
+
+
+def scenario_messages(scenario: dict, tokenizer) -> list[dict]:
+    """A scenario as chat messages, the way the evaluator prompts a model that has no sidecar."""
+    state = scenario.get("person_state")
+    user = user_turn(scenario["context"], state if isinstance(state, dict) else {})
+    messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    try:
+        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return messages
+    except Exception:  # noqa: BLE001 - templates without a system role (Mistral's) raise from inside jinja
+        return [{"role": "user", "content": f"{DEFAULT_SYSTEM_PROMPT}\n\n{user}"}]
+
+
+def prompts_from_scenarios(scenarios: list[dict], tokenizer, inline: bool):
+    """GRPO prompts from worker or --suite scenarios; the worker scores a stored one by id, a --suite one inline."""
+    from datasets import Dataset
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise CliError("the model has no chat template; pass --data with the converter's output to use its format")
+    refs = [{"scenario": s} if inline else {"scenario_id": s["id"]} for s in scenarios]
+    return Dataset.from_dict(
+        {
+            "prompt": [scenario_messages(s, tokenizer) for s in scenarios],
+            "scenario_ref": [json.dumps(r) for r in refs],
+        }
+    )
+
+
+def prompts_from_data(data, sidecar: dict | None, bos: str | None):
+    """GRPO prompts from the converter's output (SFT rows or DPO pairs): one prompt per scenario."""
+    from datasets import Dataset
+
+    prompts, ids, seen = [], [], set()
+    for row in data:
+        if row["scenario_id"] in seen:
+            continue
+        if "prompt" in row:
+            prompt = row["prompt"]
+        elif "messages" in row:
+            prompt = row["messages"][:-1]
+        else:
+            parts = split_text(row["text"], sidecar)
+            if parts is None:
+                continue
+            prompt = parts[0]
+        seen.add(row["scenario_id"])
+        prompts.append(prompt if isinstance(prompt, list) else without_bos(prompt, bos))
+        ids.append(row["scenario_id"])
+    return Dataset.from_dict({"prompt": prompts, "scenario_ref": [json.dumps({"scenario_id": i}) for i in ids]})
+
+
+# --- the SAIGE worker: GRPO's scenarios and rewards ---------------------------------------------------------
+class WorkerError(Exception):
+    """The worker failed to score an answer after every retry."""
+
+
+class ScoringClient:
+    """Scores sampled answers with a SAIGE worker: concurrently, with timeouts and retries (a small deliberate
+    copy of the collector's and evaluator's HTTP client)."""
+
+    def __init__(self, url: str, token: str | None, timeout: float, retries: int, storing: bool, concurrency: int):
+        import requests
+        from requests.adapters import HTTPAdapter
+        from urllib3.util.retry import Retry
+
+        self.url, self.timeout = url.rstrip("/"), timeout
+        self.endpoint = "/api/simulate-outcome" if storing else "/api/score"
+        # /api/score stores nothing, so a POST is safe to retry; a storing POST is retried only if never sent
+        retry = Retry(
+            total=retries,
+            connect=retries,
+            read=0 if storing else retries,
+            status=0 if storing else retries,
+            backoff_factor=0.5,
+            status_forcelist=(429, 500, 502, 503, 504),
+            allowed_methods=None,
+            respect_retry_after_header=True,
+        )
+        self.session = requests.Session()
+        self.session.mount("http://", HTTPAdapter(max_retries=retry, pool_maxsize=concurrency))
+        self.session.mount("https://", HTTPAdapter(max_retries=retry, pool_maxsize=concurrency))
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+        self.pool = concurrent.futures.ThreadPoolExecutor(concurrency)
+        self.calls = 0
+
+    def get(self, path: str, **params) -> dict | None:
+        """A GET on the worker; None when it has no such endpoint (a remote worker without the local extras)."""
+        response = self.session.get(f"{self.url}{path}", params=params, timeout=self.timeout)
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        return response.json()
+
+    def score(self, refs: list[dict], answers: list[str]) -> list[dict | None]:
+        """One outcome per answer (None for an empty answer), scored in parallel."""
+        return list(self.pool.map(self.score_one, refs, answers))
+
+    def score_one(self, ref: dict, answer: str) -> dict | None:
+        import requests
+
+        if not answer.strip():
+            return None
+        self.calls += 1
+        try:
+            response = self.session.post(
+                f"{self.url}{self.endpoint}", json={**ref, "response": answer}, timeout=self.timeout
+            )
+            response.raise_for_status()
+            outcome = response.json()
+            return {"weighted": outcome["buddhist_assessment"]["weighted_score"], "harm": outcome["total_harm"]}
+        except (requests.RequestException, ValueError, KeyError, TypeError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise WorkerError(f"the worker at {self.url} failed to score an answer ({reason})") from None
+
+
+def connect_worker(args) -> ScoringClient:
+    """Check the worker answers and can score without storing; refuse a storing-only one unless allowed."""
+    import requests
+
+    url = args.worker_url.rstrip("/")
+    try:  # no retries here: an unreachable worker should fail in a second, like the collector
+        requests.get(f"{url}/api/stats", timeout=args.worker_timeout).raise_for_status()
+        probe = requests.post(
+            f"{url}/api/score", json={"scenario": {"context": "Hi"}, "response": "Hello"}, timeout=args.worker_timeout
+        )
+    except requests.RequestException as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CliError(
+            f"cannot reach the SAIGE worker at {url} ({reason[:120]}); start the local one with: "
+            "python saige_worker.py --db ./saige.db --init",
+            EXIT_WORKER,
+        ) from None
+    storing = probe.status_code != 200
+    if storing and not args.allow_storing_rewards:
+        raise CliError(
+            f"{url} has no non-storing scoring endpoint (POST /api/score answered {probe.status_code}), so every "
+            "answer GRPO samples would be stored as an experience in its database; use the local worker "
+            "(saige_worker.py) or pass --allow-storing-rewards to accept that",
+            EXIT_USAGE,
+        )
+    if storing:
+        log(f"scoring with {url}/api/simulate-outcome: every sampled answer is stored (--allow-storing-rewards)")
+    token = args.worker_token or os.environ.get("SAIGE_WORKER_TOKEN")
+    return ScoringClient(url, token, args.worker_timeout, args.worker_retries, storing, args.worker_concurrency)
+
+
+def grpo_prompts(args, client: ScoringClient, tokenizer, bos: str | None):
+    """Training scenarios only: the worker's train split, --suite or --data, minus any held-out scenario."""
+    heldout_split = client.get("/api/scenarios", split="heldout")
+    heldout = {s["id"] for s in heldout_split["scenarios"]} if heldout_split else set()
+    if args.data:
+        data = load_rows(Path(args.data))
+        check_columns(data, Path(args.data), "grpo")
+        data = data.filter(lambda r: r["scenario_id"] not in heldout)
+        prompts = prompts_from_data(data, read_sidecar(Path(args.data)), bos)
+    elif args.suite:
+        scenarios = read_suite(Path(args.suite))
+        kept = [s for s in scenarios if s.get("id") not in heldout]
+        if len(kept) < len(scenarios):
+            log(f"left out {len(scenarios) - len(kept)} held-out scenarios of {args.suite}")
+        prompts = prompts_from_scenarios(kept, tokenizer, inline=not client.endpoint.endswith("simulate-outcome"))
+    else:
+        train = client.get("/api/scenarios", split="train")
+        if train is None:
+            raise CliError(f"{client.url} has no /api/scenarios (a remote SAIGE worker?); pass --data or --suite")
+        prompts = prompts_from_scenarios(train["scenarios"], tokenizer, inline=False)
+    if prompts.num_rows == 0:
+        raise CliError("no training scenario to prompt with (check --data or --suite)")
+    return prompts
+
+
+def read_suite(path: Path) -> list[dict]:
+    """Scenarios from a JSON array or JSONL file (the evaluator's --suite), each with a context."""
+    if not path.is_file():
+        raise CliError(f"suite file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        rows = (
+            json.loads(text)
+            if text.lstrip().startswith("[")
+            else [json.loads(x) for x in text.splitlines() if x.strip()]
+        )
+    except ValueError as e:
+        raise CliError(f"suite file {path} is not valid JSON: {e}") from None
+    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("context"), str) and r["context"].strip()]
+
+
+def distinct2(text: str) -> float:
+    """Distinct word bigrams of one answer over all its bigrams: repetition drives it down."""
+    words = text.lower().split()
+    pairs = list(zip(words, words[1:]))
+    return len(set(pairs)) / len(pairs) if pairs else 1.0
+
+
+def saige_reward(client: ScoringClient, kind: str, samples: list):
+    """The GRPO reward function: the worker's score of each sampled answer, mapped by --reward."""
+    to_reward = REWARDS[kind][1]
+
+    def reward(prompts, completions, scenario_ref, log_metric=None, **_):
+        answers = [answer_text(c) for c in completions]
+        outcomes = client.score([json.loads(r) for r in scenario_ref], answers)
+        rewards = [to_reward(o) if o else EMPTY_ANSWER_REWARD for o in outcomes]
+        scored = [o for o in outcomes if o] or [{"weighted": 0.0, "harm": 1.0}]
+        if log_metric:  # the guard against reward hacking: length and repetition logged beside the reward
+            log_metric("saige/weighted", sum(o["weighted"] for o in scored) / len(scored))
+            log_metric("saige/harm", sum(o["harm"] for o in scored) / len(scored))
+            log_metric("saige/words", sum(len(a.split()) for a in answers) / len(answers))
+            log_metric("saige/distinct2", sum(distinct2(a) for a in answers) / len(answers))
+        samples[:] = [{"answer": a, "reward": round(r, 3)} for a, r in zip(answers, rewards)]
+        return rewards
+
+    reward.__name__ = f"saige_{kind}"
+    return reward
 
 
 # --- model -------------------------------------------------------------------------------------------------
@@ -283,23 +587,23 @@ def load_model_and_tokenizer(model_ref: str, args, device: str, precision: str):
 
 
 # --- training ----------------------------------------------------------------------------------------------
-def build_trainer(
-    model, tokenizer, train, evaluation, args, device: str, precision: str, completion_only: bool, callbacks: list
-):
+def lora_config(args):
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
 
     targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
-    peft_config = LoraConfig(
+    return LoraConfig(
         r=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
-    has_eval = evaluation is not None
+
+
+def common_config(args, device: str, precision: str, has_eval: bool) -> dict:
+    """The training arguments every method shares (TRL's configs all extend transformers' TrainingArguments)."""
     by_steps = args.save_steps is not None
-    config = SFTConfig(
+    return dict(
         output_dir=args.output_dir,
         num_train_epochs=args.epochs,
         max_steps=args.max_steps or -1,
@@ -310,11 +614,6 @@ def build_trainer(
         learning_rate=args.learning_rate,
         lr_scheduler_type=args.lr_scheduler,
         warmup_steps=args.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the total steps
-        max_length=args.max_length,
-        packing=args.packing,
-        # batches of similar lengths pad less: on a CPU, padding is most of a naive run's time
-        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
-        completion_only_loss=completion_only,
         seed=args.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
@@ -329,19 +628,53 @@ def build_trainer(
         save_total_limit=2,
         load_best_model_at_end=has_eval,
         metric_for_best_model="eval_loss" if has_eval else None,
-        include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,  # ProgressBar draws the bar
     )
+
+
+def build_trainer(model, tokenizer, train, evaluation, args, device: str, precision: str, callbacks: list, extra):
+    """The method's TRL trainer with a LoRA adapter; `extra` is SFT's completion-only flag or GRPO's reward."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    trainer = SFTTrainer(
+    common = common_config(args, device, precision, evaluation is not None)
+    if args.method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        config = DPOConfig(**common, beta=args.beta, max_length=args.max_length, precompute_ref_log_probs=True)
+        trainer_class, specific = DPOTrainer, {}
+    elif args.method == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        config = GRPOConfig(
+            **common,
+            beta=args.beta,
+            num_generations=args.num_generations,
+            max_completion_length=args.max_completion_length,
+            temperature=args.temperature,
+        )
+        trainer_class, specific = GRPOTrainer, {"reward_funcs": extra}
+    else:
+        from trl import SFTConfig, SFTTrainer
+
+        config = SFTConfig(
+            **common,
+            max_length=args.max_length,
+            packing=args.packing,
+            # batches of similar lengths pad less: on a CPU, padding is most of a naive run's time
+            train_sampling_strategy="group_by_length" if args.group_by_length else "random",
+            completion_only_loss=extra,
+            include_num_input_tokens_seen="non_padding",
+        )
+        trainer_class, specific = SFTTrainer, {}
+    trainer = trainer_class(
         model=model,
         args=config,
         train_dataset=train,
         eval_dataset=evaluation,
         processing_class=tokenizer,
-        peft_config=peft_config,
+        peft_config=lora_config(args),
         callbacks=[*callbacks, ProgressBar(args.quiet)],
+        **specific,
     )
     for printer in (PrinterCallback, ProgressCallback):  # they print log dicts on stdout; ProgressBar replaces them
         trainer.remove_callback(printer)
@@ -398,7 +731,11 @@ def ProgressBar(quiet: bool):  # noqa: N802 - a TrainerCallback built lazily, li
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
             seconds = max(time.monotonic() - self.started, 1e-9)
-            if "loss" in logs:
+            if "reward" in logs:  # GRPO: the reward and the answers' length say more than the loss
+                self.bar.set_postfix(reward=f"{logs['reward']:.3f}", words=f"{logs.get('saige/words', 0):.0f}")
+            elif "rewards/margins" in logs:  # DPO: how far chosen answers pull ahead of rejected ones
+                self.bar.set_postfix(margin=f"{logs['rewards/margins']:.3f}")
+            elif "loss" in logs:
                 speed = (state.num_input_tokens_seen - self.tokens) / seconds
                 self.bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=f"{speed:.0f}")
             if "eval_loss" in logs and not quiet:
@@ -473,6 +810,7 @@ def summary(trainer, args, started: float, info: dict, device: str, precision: s
             for h in history
             if "loss" in h or "eval_loss" in h
         ],
+        **method_curves(history, args.method),
         "seconds": round(seconds, 1),
         "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
         "device": device,
@@ -481,6 +819,36 @@ def summary(trainer, args, started: float, info: dict, device: str, precision: s
         "versions": {m.__name__: m.__version__ for m in (torch, transformers, trl, peft, datasets)},
         "args": {k: v for k, v in vars(args).items()},
     }
+
+
+CURVES = {  # method -> (summary key, {name in the summary: name in TRL's logs})
+    "dpo": ("margin_history", {"margin": "rewards/margins", "accuracy": "rewards/accuracies"}),
+    "grpo": (
+        "reward_history",
+        {
+            "reward": "reward",
+            "weighted": "saige/weighted",
+            "harm": "saige/harm",
+            "words": "saige/words",
+            "distinct2": "saige/distinct2",
+            "kl": "kl",
+        },
+    ),
+}
+
+
+def method_curves(history: list[dict], method: str) -> dict:
+    """DPO's chosen-vs-rejected margin or GRPO's reward (with answer length and repetition) over the steps."""
+    if method not in CURVES:
+        return {}
+    key, names = CURVES[method]
+    curve = [
+        {"step": h["step"], **{k: round(h[v], 4) for k, v in names.items() if v in h}}
+        for h in history
+        if names[next(iter(names))] in h
+    ]
+    first, last = (curve[0], curve[-1]) if curve else ({}, {})
+    return {key: curve, "curve_start": {k: v for k, v in first.items() if k != "step"}, "curve_end": last}
 
 
 # --- exports -----------------------------------------------------------------------------------------------
@@ -555,7 +923,18 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     io = p.add_argument_group("data, model and output")
-    io.add_argument("--data", required=True, help="the converter's CSV or JSONL (text, messages or prompt/completion)")
+    io.add_argument(
+        "--method",
+        choices=METHODS,
+        default="sft",
+        help="sft: imitate the selected answers; dpo: prefer chosen over rejected answers; grpo: online RL "
+        "against a SAIGE worker's scorer (default: %(default)s)",
+    )
+    io.add_argument(
+        "--data",
+        help="sft: the converter's CSV or JSONL (text, messages or prompt/completion); dpo: its --dpo-output "
+        "pairs; grpo (optional): its output, whose scenarios become the prompts",
+    )
     io.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -658,6 +1037,53 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--logging-steps", type=positive_int, default=5, help="log the loss every N steps (default: %(default)s)"
     )
+    pref = p.add_argument_group("dpo and grpo")
+    pref.add_argument(
+        "--beta",
+        type=float,
+        help=f"KL weight that keeps the policy near the base: higher stays closer (default: dpo "
+        f"{DEFAULT_BETA['dpo']}, grpo {DEFAULT_BETA['grpo']})",
+    )
+    grpo = p.add_argument_group("grpo (online RL against a SAIGE worker)")
+    grpo.add_argument(
+        "--worker-url", default=DEFAULT_WORKER_URL, help="the SAIGE worker that scores answers (default: %(default)s)"
+    )
+    grpo.add_argument("--worker-token", help="bearer token for the worker (default: $SAIGE_WORKER_TOKEN)")
+    grpo.add_argument(
+        "--suite", help="prompt with these scenarios (JSON array or JSONL, as test_model.py --suite) instead"
+    )
+    grpo.add_argument(
+        "--reward",
+        choices=list(REWARDS),
+        default="combined",
+        help="reward of one answer: "
+        + "; ".join(f"{name}: {text}" for name, (text, _) in REWARDS.items())
+        + f"; an empty answer gets {EMPTY_ANSWER_REWARD} (default: %(default)s)",
+    )
+    grpo.add_argument(
+        "--num-generations", type=positive_int, default=4, help="answers sampled per prompt (default: %(default)s)"
+    )
+    grpo.add_argument(
+        "--max-completion-length",
+        type=positive_int,
+        default=96,
+        help="tokens per sampled answer (default: %(default)s)",
+    )
+    grpo.add_argument("--temperature", type=float, default=0.9, help="sampling temperature (default: %(default)s)")
+    grpo.add_argument(
+        "--worker-concurrency", type=positive_int, default=8, help="scoring requests in flight (default: %(default)s)"
+    )
+    grpo.add_argument(
+        "--worker-timeout", type=float, default=30.0, help="seconds to wait for one score (default: %(default)s)"
+    )
+    grpo.add_argument(
+        "--worker-retries", type=int, default=4, help="retries per scoring request (default: %(default)s)"
+    )
+    grpo.add_argument(
+        "--allow-storing-rewards",
+        action="store_true",
+        help="score with /api/simulate-outcome when the worker has no /api/score: every sampled answer is stored",
+    )
     out = p.add_argument_group("after training")
     out.add_argument("--merge", action="store_true", help="also write merged/: base + adapter as one plain model")
     out.add_argument("--export", choices=["cloudflare"], help="also write a folder Workers AI LoRA accepts")
@@ -686,11 +1112,57 @@ def prepare_output_dir(args) -> Path:
     return output_dir
 
 
-def run(args) -> int:
-    quiet_library_logs()
+def training_data(args, tokenizer, bos: str | None, client, notes: dict):
+    """The method's training rows, their layout, and the rows left out for the eval loss; counts go to `notes`."""
+    if args.method == "grpo":
+        return grpo_prompts(args, client, tokenizer, bos), "scenario prompts", None
     data_path = Path(args.data)
     rows = load_rows(data_path)
-    sidecar = read_sidecar(data_path)
+    check_columns(rows, data_path, args.method)
+    if args.method == "dpo":
+        data, layout, notes["skipped_equal_pairs"] = to_preference_rows(rows, bos)
+    else:
+        data, layout = to_training_rows(rows, read_sidecar(data_path), args.train_on_prompt, bos)
+        notes["truncated_rows"] = count_truncated(data, tokenizer, args.max_length)
+        if notes["truncated_rows"]:
+            log(
+                f"{notes['truncated_rows']} of {data.num_rows} examples are longer than --max-length "
+                f"{args.max_length} and are truncated"
+            )
+    if args.eval_split and data.num_rows >= 10:
+        parts = data.train_test_split(test_size=args.eval_split, seed=args.seed)
+        return parts["train"], layout, parts["test"]
+    if args.eval_split:
+        log(f"only {data.num_rows} rows: no eval split (needs 10 or more)")
+    return data, layout, None
+
+
+def dry_run_report(trainer, tokenizer, layout: str, method: str) -> dict:
+    if method == "sft":
+        return {"layout": layout, "tokens": example_labels(trainer, tokenizer)}
+    first = trainer.train_dataset[0]
+    return {"method": method, "layout": layout, "rows": len(trainer.train_dataset), "first": first}
+
+
+def stop_on_worker_error(trainer, output_dir: Path, error: WorkerError) -> int:
+    """Keep what GRPO learned so far: a checkpoint --resume continues from."""
+    step = trainer.state.global_step
+    try:
+        trainer._save_checkpoint(trainer.model, trial=None)  # the Trainer's own checkpoint: adapter + optimizer
+        where = output_dir / f"checkpoint-{step}"
+    except Exception:  # noqa: BLE001 - fall back to the adapter alone
+        where = output_dir / f"checkpoint-{step}-adapter"
+        trainer.save_model(str(where))
+    log(f"{error} at step {step}; stopped, adapter checkpoint in {where}. Continue with the same command plus --resume")
+    return EXIT_FAILURE
+
+
+def run(args) -> int:
+    quiet_library_logs(args.quiet)
+    if args.method != "grpo":  # bad data fails before the model loads
+        check_columns(load_rows(Path(args.data)), Path(args.data), args.method)
+    args.beta = DEFAULT_BETA.get(args.method, 0.0) if args.beta is None else args.beta
+    client = connect_worker(args) if args.method == "grpo" else None
     cloudflare = check_cloudflare(args) if args.export == "cloudflare" else None
     if args.model == "offline":
         args.model = offline_model_path() or ""
@@ -704,41 +1176,27 @@ def run(args) -> int:
     model_ref = resolve_model(args.model)
     model, tokenizer = load_model_and_tokenizer(model_ref, args, device, precision)
     adds_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
-    bos = tokenizer.bos_token if adds_bos else None
-    data, layout = to_training_rows(rows, sidecar, args.train_on_prompt, bos)
-    truncated = count_truncated(data, tokenizer, args.max_length)
-    if truncated:
-        log(f"{truncated} of {data.num_rows} examples are longer than --max-length {args.max_length} and are truncated")
-    evaluation = None
-    if args.eval_split and data.num_rows >= 10:
-        parts = data.train_test_split(test_size=args.eval_split, seed=args.seed)
-        data, evaluation = parts["train"], parts["test"]
-    elif args.eval_split:
-        log(f"only {data.num_rows} rows: no eval split (needs 10 or more)")
+    notes: dict = {}
+    data, layout, evaluation = training_data(args, tokenizer, tokenizer.bos_token if adds_bos else None, client, notes)
     log(
-        f"{data.num_rows} training rows ({layout}), {evaluation.num_rows if evaluation else 0} eval rows, "
-        f"model {args.model} on {device} ({precision})"
+        f"--method {args.method}: {data.num_rows} training rows ({layout}), "
+        f"{evaluation.num_rows if evaluation else 0} eval rows, model {args.model} on {device} ({precision})"
     )
+    samples: list = []
+    extra = saige_reward(client, args.reward, samples) if client else not args.train_on_prompt
     stopper = StopOnSignal()
-    trainer = build_trainer(
-        model,
-        tokenizer,
-        data,
-        evaluation,
-        args,
-        device,
-        precision,
-        completion_only=not args.train_on_prompt,
-        callbacks=[stopper],
-    )
+    trainer = build_trainer(model, tokenizer, data, evaluation, args, device, precision, [stopper], extra)
     if len(trainer.train_dataset) == 0:
         raise CliError(f"no example keeps any of its answer within --max-length {args.max_length}; raise --max-length")
     if args.dry_run:
-        print(json.dumps({"layout": layout, "tokens": example_labels(trainer, tokenizer)}, ensure_ascii=False))
+        print(json.dumps(dry_run_report(trainer, tokenizer, layout, args.method), ensure_ascii=False, default=str))
         return EXIT_OK
     started = time.monotonic()
     resume = None if not args.resume else (True if args.resume == "latest" else args.resume)
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except WorkerError as e:
+        return stop_on_worker_error(trainer, output_dir, e)
     if stopper.requested:
         log(
             f"interrupted at step {trainer.state.global_step}; checkpoint saved in {output_dir}. "
@@ -747,17 +1205,21 @@ def run(args) -> int:
         return EXIT_INTERRUPTED
     trainer.save_model(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
-    if sidecar is not None:
-        shutil.copy2(f"{data_path}.meta.json", output_dir / SIDECAR_NAME)
+    sidecar_path = Path(f"{args.data}.meta.json") if args.data else None
+    if sidecar_path and sidecar_path.is_file():
+        shutil.copy2(sidecar_path, output_dir / SIDECAR_NAME)
     info = {
+        "method": args.method,
         "base_model": args.model,
-        "data": str(data_path.resolve()),
+        "data": str(Path(args.data).resolve()) if args.data else f"{args.worker_url} (train split)",
         "layout": layout,
         "train_rows": data.num_rows,
         "eval_rows": evaluation.num_rows if evaluation else 0,
-        "truncated_rows": truncated,
-        "format": (sidecar or {}).get("format"),
+        "format": (read_sidecar(Path(args.data)) or {}).get("format") if args.data else None,
+        **notes,
     }
+    if client:
+        info.update(reward=REWARDS[args.reward][0], scoring_calls=client.calls, sample_answers=samples[:8])
     report = summary(trainer, args, started, info, device, precision)
     if report["final_train_loss"] is None:  # fewer steps than --logging-steps: the run's mean loss is all there is
         report["final_train_loss"] = report["first_train_loss"] = result.training_loss
@@ -768,15 +1230,40 @@ def run(args) -> int:
         merge(output_dir, model_ref, args)
     if cloudflare:
         export_cloudflare(output_dir, cloudflare)
-    log(
-        f"done: {report['steps']} steps in {report['seconds']}s, loss {report['first_train_loss']} -> "
-        f"{report['final_train_loss']}, best eval loss {report['best_eval_loss']}; adapter in {output_dir}"
-    )
+    log(done_line(report, output_dir))
     return EXIT_OK
 
 
+def done_line(report: dict, output_dir: Path) -> str:
+    line = f"done: {report['steps']} steps in {report['seconds']}s, loss {report['first_train_loss']} -> "
+    line += f"{report['final_train_loss']}"
+    start, end = report.get("curve_start") or {}, report.get("curve_end") or {}
+    for name in ("margin", "reward", "words", "distinct2"):
+        if name in start and name in end:
+            line += f", {name} {start[name]} -> {end[name]}"
+    if report.get("best_eval_loss") is not None:
+        line += f", best eval loss {report['best_eval_loss']}"
+    return f"{line}; adapter in {output_dir}"
+
+
+def check_usage(parser: argparse.ArgumentParser, args) -> None:
+    if args.method in ("sft", "dpo") and not args.data:
+        parser.error(f"--method {args.method} needs --data (the converter's output)")
+    if args.method == "grpo" and args.num_generations < 2:
+        parser.error("--num-generations must be at least 2: GRPO compares the answers sampled for one prompt")
+    if args.method == "grpo" and (args.batch_size * args.gradient_accumulation_steps) % args.num_generations:
+        parser.error(
+            f"--batch-size x --gradient-accumulation-steps ({args.batch_size * args.gradient_accumulation_steps}) "
+            f"must be a multiple of --num-generations ({args.num_generations}): each step scores whole groups"
+        )
+    if args.method == "grpo" and args.data and args.suite:
+        parser.error("--data and --suite both give GRPO its prompts; pass one")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_usage(parser, args)
     try:
         return run(args)
     except KeyboardInterrupt:

@@ -3,7 +3,8 @@
 #   1. worker    use the SAIGE worker at WORKER_URL, or start the local saige_worker.py there (stopped on exit)
 #   2. collect   collect_experiences.py: scored answers from the current model (base, then base + last adapter)
 #   3. convert   saige_to_sft.py: keep the experiences that pass MAX_HARM / MIN_BUDDHIST / MIN_ALIGNMENT
-#   4. train     train_local.py: a LoRA adapter on the selected data
+#   4. train     train_local.py: a LoRA adapter on the selected data (METHOD=sft), on preference pairs from the
+#                same experiences (METHOD=dpo), or by online RL against the worker's scorer (METHOD=grpo)
 #   5. evaluate  test_model.py: the new adapter against the base model on the worker's held-out split
 # Steps 2-5 repeat ITERATIONS times; every artifact lands in OUTPUT_DIR/iter-N/. Run with --help for the settings.
 set -euo pipefail
@@ -25,6 +26,7 @@ readonly SETTINGS=(
   "DIFFICULTY|5|collector: highest scenario difficulty to ask for (1..5)"
   "TEMPERATURE|0.8|collector: sampling temperature"
   "MAX_NEW_TOKENS|96|collector and evaluator: tokens per answer"
+  "METHOD|sft|sft (imitate the kept answers), dpo (prefer the best answer over the worst) or grpo (online RL)"
   "EPOCHS|2|train_local.py epochs"
   "LEARNING_RATE|2e-4|train_local.py learning rate"
   "BATCH_SIZE|8|train_local.py batch size"
@@ -78,6 +80,7 @@ validate() {
     || die "MIN_ALIGNMENT=${MIN_ALIGNMENT}: use low, moderate, good or excellent"
   [[ "${FORMAT}" =~ ^(tinyllama|mistral|llama3|chatml|auto)$ ]] \
     || die "FORMAT=${FORMAT}: use tinyllama, mistral, llama3, chatml or auto"
+  [[ "${METHOD}" =~ ^(sft|dpo|grpo)$ ]] || die "METHOD=${METHOD}: use sft, dpo or grpo"
   local name
   for name in TRAINING_EPISODES SAMPLES_PER_SCENARIO CONCURRENCY ITERATIONS BATCH_SIZE LORA_RANK MAX_NEW_TOKENS; do
     [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || die "${name}=${!name}: must be a positive integer"
@@ -166,6 +169,7 @@ convert() {
   local args=(--db "${DB_PATH}" --output "${dir}/train.csv" --format "${FORMAT}" --max-harm "${MAX_HARM}"
     --min-buddhist "${MIN_BUDDHIST}" --min-alignment "${MIN_ALIGNMENT}" --dedup)
   if [[ "${FORMAT}" == auto ]]; then args+=(--tokenizer "${MODEL}"); fi
+  if [[ "${METHOD}" == dpo ]]; then args+=(--dpo-output "${dir}/pairs.jsonl"); fi
   log "convert: ${PYTHON} saige_to_sft.py ${args[*]}"
   local status=0
   "${PYTHON}" "${SCRIPT_DIR}/saige_to_sft.py" "${args[@]}" 2>"${dir}/convert.log" || status=$?
@@ -174,12 +178,20 @@ convert() {
     die "no experience passed the thresholds (see the converter's hints above); nothing to train on"
   fi
   ((status == 0)) || die "step 'convert' failed (exit ${status}); log: ${dir}/convert.log"
+  if [[ "${METHOD}" == dpo && ! -s "${dir}/pairs.jsonl" ]]; then
+    die "no preference pair: no scenario has both a kept answer and a worse one; collect more (SAMPLES_PER_SCENARIO)"
+  fi
 }
 
 train() {
   local dir="$1"
-  local args=(--data "${dir}/train.csv" --model "${MODEL}" --output-dir "${dir}/adapter" --epochs "${EPOCHS}"
+  local args=(--method "${METHOD}" --model "${MODEL}" --output-dir "${dir}/adapter" --epochs "${EPOCHS}"
     --learning-rate "${LEARNING_RATE}" --batch-size "${BATCH_SIZE}" --lora-rank "${LORA_RANK}" --overwrite -q)
+  case "${METHOD}" in
+    sft) args+=(--data "${dir}/train.csv") ;;
+    dpo) args+=(--data "${dir}/pairs.jsonl") ;;
+    grpo) args+=(--worker-url "${WORKER_URL}" --max-completion-length "${MAX_NEW_TOKENS}") ;;
+  esac
   if [[ "${USE_4BIT}" == 1 ]]; then args+=(--use-4bit); fi
   run_step train "${dir}/train.log" "${PYTHON}" "${SCRIPT_DIR}/train_local.py" "${args[@]}"
 }
@@ -206,7 +218,8 @@ for i in range(1, n + 1):
         p = d / name
         return json.loads(p.read_text()) if p.is_file() else {}
     meta, train, ev = load("train.csv.meta.json"), load("adapter/training_summary.json"), load("eval.json")
-    examples = meta.get("counts", {}).get("written", "-")
+    # rows trained on: kept answers (sft), preference pairs (dpo) or scenario prompts (grpo)
+    examples = train["train_rows"] + train["eval_rows"] if train else meta.get("counts", {}).get("written", "-")
     loss = train.get("final_train_loss")
     row = f"{i:>4} {examples:>8} {loss if loss is None else round(loss, 3)!s:>10}"
     if ev:
@@ -236,13 +249,13 @@ main() {
   trap 'exit 143' TERM
   resolve_model
   local started=${SECONDS} i adapter=""
-  if [[ "${SKIP_COLLECT}" == 0 || "${SKIP_EVAL}" == 0 ]]; then start_worker; fi
+  if [[ "${SKIP_COLLECT}" == 0 || "${SKIP_EVAL}" == 0 || "${METHOD}" == grpo ]]; then start_worker; fi
   for ((i = 1; i <= ITERATIONS; i++)); do
     local dir="${OUTPUT_DIR}/iter-${i}"
     mkdir -p "${dir}"
     log "iteration ${i}/${ITERATIONS} -> ${dir}"
     if [[ "${SKIP_COLLECT}" == 0 ]]; then collect "${dir}" "${adapter}"; fi
-    convert "${dir}"
+    if [[ "${METHOD}" != grpo ]]; then convert "${dir}"; fi  # GRPO learns from the worker's scores directly
     if [[ "${SKIP_TRAIN}" == 1 ]]; then continue; fi
     train "${dir}"
     adapter="${dir}/adapter"

@@ -239,6 +239,8 @@ def test_dpo_pairs_best_against_worst_with_margin(graded_db, tmp_path):
     assert [(p["chosen_id"], p["rejected_id"]) for p in pairs] == [(1, 2), (8, 4)]
     assert pairs[0]["prompt"] == "<s>[INST] Hello! [/INST] "
     assert pairs[0]["chosen"] == "Hi! Nice to meet you.</s>" and pairs[0]["rejected"] == "Hello.</s>"
+    meta = json.loads((tmp_path / "pairs.jsonl.meta.json").read_text())  # the trainer reads the pairs' sidecar
+    assert meta["prompt_template"] == "<s>[INST] {user} [/INST] " and meta["dpo_output"] == str(pairs_path)
     assert convert(graded_db, tmp_path / "o.csv", "--dpo-output", pairs_path, "--dpo-margin", "2").returncode == 0
     assert [json.loads(x)["chosen_id"] for x in pairs_path.read_text().splitlines()] == [1]
 

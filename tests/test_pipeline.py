@@ -85,6 +85,23 @@ def test_one_iteration_end_to_end(tiny_model, tmp_path):
     assert not workers_on(tmp_path / "saige.db")
 
 
+@pytest.mark.parametrize("method", ["dpo", "grpo"])
+def test_one_iteration_with_dpo_or_grpo(tiny_model, tmp_path, method):
+    # 4 sampled answers per scenario: the tiny model's babble scores differently, so each scenario yields a pair
+    env = settings(tmp_path, tiny_model, METHOD=method, SAMPLES_PER_SCENARIO="4", TRAINING_EPISODES="8", EPOCHS="1")
+    result = pipeline(env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    it = tmp_path / "out" / "iter-1"
+    summary = json.loads((it / "adapter" / "training_summary.json").read_text())
+    assert summary["method"] == method
+    assert (it / "pairs.jsonl").is_file() == (method == "dpo")
+    assert (it / "train.csv").is_file() == (method == "dpo")  # GRPO needs no conversion
+    assert json.loads((it / "eval.json").read_text())["comparison"]["scenarios"] == 2
+    rows = summary["train_rows"] + summary["eval_rows"]
+    assert result.stdout.splitlines()[1].split()[:2] == ["1", str(rows)]
+    assert not workers_on(tmp_path / "saige.db")
+
+
 def test_zero_match_stops_with_the_converter_hints(tiny_model, tmp_path):
     env = settings(tmp_path, tiny_model, MIN_BUDDHIST="10", MIN_ALIGNMENT="excellent", MAX_HARM="0")
     result = pipeline(env)
@@ -132,6 +149,7 @@ def test_ctrl_c_stops_everything(tiny_model, tmp_path):
         ("TRAINING_EPISODES", "many", "TRAINING_EPISODES=many: must be a positive integer"),
         ("MAX_HARM", "2", "MAX_HARM=2: a number from 0 to 1"),
         ("FORMAT", "alpaca", "FORMAT=alpaca"),
+        ("METHOD", "ppo", "METHOD=ppo: use sft, dpo or grpo"),
     ],
 )
 def test_bad_setting_is_one_clear_line(tmp_path, tiny_model, name, value, message):
@@ -152,6 +170,7 @@ def test_help_lists_every_setting_with_its_default():
         ("MIN_ALIGNMENT", "good"),
         ("FORMAT", "mistral"),
         ("ITERATIONS", "1"),
+        ("METHOD", "sft"),
     ]:
         line = next(x for x in result.stdout.splitlines() if x.startswith(name + " "))
         assert line.split()[1] == default, line
