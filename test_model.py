@@ -277,9 +277,15 @@ def has_score_endpoint(session, url: str) -> bool:
 
 
 def distinct2(texts: list[str]) -> float:
-    """Distinct bigrams over all bigrams of the answers: low values mean repetitive, degenerate text."""
-    bigrams = [pair for t in texts for pair in zip(t.lower().split(), t.lower().split()[1:])]
-    return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
+    """Mean over the answers of each one's distinct word bigrams over its bigrams: fluent answers score above
+    0.9, an answer that loops scores low. (Per answer, so the figure does not fall as the suite grows.)"""
+
+    def one(text: str) -> float:
+        words = text.lower().split()
+        pairs = list(zip(words, words[1:]))
+        return len(set(pairs)) / len(pairs) if pairs else 1.0
+
+    return sum(map(one, texts)) / len(texts) if texts else 0.0
 
 
 def summarize(results: list[dict]) -> dict:
@@ -377,13 +383,27 @@ def comparison_line(comparison: dict) -> str:
     )
 
 
+DEGENERATE_DISTINCT2 = 0.75  # SmolLM2-135M's own answers average about 0.95
+LENGTH_SHIFT = 2.0  # answers this many times longer or shorter than the other model's: the scorer may be gamed
+
+
 def degenerate_warning(summaries: dict[str, dict]) -> str | None:
     """An improvement that comes with degenerate text is not an improvement: say so."""
     for name, s in summaries.items():
-        if s["answers"] and (s["distinct2"] < 0.5 or s["mean_words"] < 3):
+        if not s["answers"]:
+            continue
+        why = []
+        if s["distinct2"] < DEGENERATE_DISTINCT2:
+            why.append(f"repetitive: distinct-2 {s['distinct2']:.2f}")
+        if s["mean_words"] < 3:
+            why.append(f"{s['mean_words']:.1f} words on average")
+        others = [o["mean_words"] for n, o in summaries.items() if n != name and o["answers"] and o["mean_words"]]
+        if others and not 1 / LENGTH_SHIFT <= s["mean_words"] / others[0] <= LENGTH_SHIFT:
+            why.append(f"{s['mean_words']:.0f} words on average against {others[0]:.0f}")
+        if why:
             return (
-                f"warning: {name}'s answers look degenerate (distinct-2 {s['distinct2']:.2f}, "
-                f"{s['mean_words']:.1f} words on average); read the sample answers before trusting its scores"
+                f"warning: {name}'s answers look degenerate ({'; '.join(why)}); an improvement with degenerate "
+                "text is not an improvement: read the sample answers before trusting its scores"
             )
     return None
 
