@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-slow lint bench
+.PHONY: setup demo demo-settings test test-slow lint bench
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -20,9 +20,14 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 # The pipeline's own defaults are the thresholds users already use (0.25 / 6.5 / good); SmolLM2-135M's answers
 # rarely reach them, so the demo collects more and keeps moderate answers too.
 DEMO_SETTINGS ?= TRAINING_EPISODES=200 SAMPLES_PER_SCENARIO=4 MAX_HARM=0.3 MIN_BUDDHIST=5.5 MIN_ALIGNMENT=moderate
+DEMO_DIR ?= demo
 demo: setup
-	mkdir -p demo
-	$(DEMO_SETTINGS) DB_PATH=demo/saige.db OUTPUT_DIR=demo/pipeline PYTHON=$(PY) ./train_pipeline.sh
+	mkdir -p $(DEMO_DIR)
+	$(DEMO_SETTINGS) DB_PATH=$(DEMO_DIR)/saige.db OUTPUT_DIR=$(DEMO_DIR)/pipeline PYTHON=$(PY) ./train_pipeline.sh
+
+# what bench/bench_loop.py and bench/bench_methods.py run
+demo-settings:
+	@echo $(DEMO_SETTINGS)
 
 test: setup
 	$(PY) -m pytest

@@ -707,6 +707,23 @@ def StopOnSignal():  # noqa: N802 - reads as a class at the call site; built her
     return _Stop()
 
 
+def TimeLimit(minutes: float | None):  # noqa: N802 - a TrainerCallback built lazily, like StopOnSignal
+    """Stop after the step that crosses --max-minutes; the adapter is saved as after a full run."""
+    from transformers import TrainerCallback
+
+    class _Limit(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.deadline = time.monotonic() + 60 * minutes if minutes else None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.deadline and time.monotonic() > self.deadline and not control.should_training_stop:
+                log(f"--max-minutes {minutes} reached at step {state.global_step}: stopping")
+                control.should_training_stop = True
+            return control
+
+    return _Limit()
+
+
 def ProgressBar(quiet: bool):  # noqa: N802 - a TrainerCallback built lazily, like StopOnSignal
     """A step bar on stderr with the loss, tokens/s and ETA (in place of transformers' dict printing on stdout)."""
     from tqdm import tqdm
@@ -967,6 +984,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-steps", type=positive_int, help="stop after this many optimizer steps (overrides --epochs)"
     )
     train.add_argument(
+        "--max-minutes",
+        type=float,
+        help="stop after the step that passes this wall-clock budget (model loading not counted); "
+        "the adapter is saved as usual",
+    )
+    train.add_argument(
         "--batch-size", type=positive_int, default=4, help="examples per device and step (default: %(default)s)"
     )
     train.add_argument(
@@ -1185,7 +1208,8 @@ def run(args) -> int:
     samples: list = []
     extra = saige_reward(client, args.reward, samples) if client else not args.train_on_prompt
     stopper = StopOnSignal()
-    trainer = build_trainer(model, tokenizer, data, evaluation, args, device, precision, [stopper], extra)
+    callbacks = [stopper, TimeLimit(args.max_minutes)]
+    trainer = build_trainer(model, tokenizer, data, evaluation, args, device, precision, callbacks, extra)
     if len(trainer.train_dataset) == 0:
         raise CliError(f"no example keeps any of its answer within --max-length {args.max_length}; raise --max-length")
     if args.dry_run:

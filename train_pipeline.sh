@@ -31,6 +31,8 @@ readonly SETTINGS=(
   "LEARNING_RATE|2e-4|train_local.py learning rate"
   "BATCH_SIZE|8|train_local.py batch size"
   "LORA_RANK|16|train_local.py LoRA rank"
+  "TRAIN_MINUTES||stop training after this many minutes (the adapter is kept); empty = no limit"
+  "SEED||collection and training seed; empty = unseeded sampling, the trainer's default seed (42)"
   "EVAL_LIMIT||evaluate only the first N held-out scenarios (empty = all)"
   "ITERATIONS|1|how many collect-convert-train-evaluate rounds"
   "SKIP_COLLECT|0|1 = use the experiences already in DB_PATH"
@@ -86,7 +88,10 @@ validate() {
     [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || die "${name}=${!name}: must be a positive integer"
   done
   [[ "${DIFFICULTY}" =~ ^[1-5]$ ]] || die "DIFFICULTY=${DIFFICULTY}: must be 1 to 5"
+  [[ -z "${TRAIN_MINUTES}" || "${TRAIN_MINUTES}" =~ ^[0-9]+(\.[0-9]+)?$ ]] \
+    || die "TRAIN_MINUTES=${TRAIN_MINUTES}: a number of minutes"
   [[ -z "${EVAL_LIMIT}" || "${EVAL_LIMIT}" =~ ^[1-9][0-9]*$ ]] || die "EVAL_LIMIT=${EVAL_LIMIT}: a positive integer"
+  [[ -z "${SEED}" || "${SEED}" =~ ^[0-9]+$ ]] || die "SEED=${SEED}: a non-negative integer"
   for name in SKIP_COLLECT SKIP_TRAIN SKIP_EVAL USE_4BIT; do
     [[ "${!name}" =~ ^[01]$ ]] || die "${name}=${!name}: use 0 or 1"
   done
@@ -161,6 +166,7 @@ collect() {
     --concurrency "${CONCURRENCY}" --temperature "${TEMPERATURE}" --max-new-tokens "${MAX_NEW_TOKENS}"
     --output-jsonl "${dir}/episodes.jsonl" --resume --quiet)
   if [[ -n "${adapter}" ]]; then args+=(--adapter "${adapter}"); fi
+  if [[ -n "${SEED}" ]]; then args+=(--seed "${SEED}"); fi
   run_step collect "${dir}/collect.log" "${PYTHON}" "${SCRIPT_DIR}/collect_experiences.py" "${args[@]}"
 }
 
@@ -193,6 +199,8 @@ train() {
     grpo) args+=(--worker-url "${WORKER_URL}" --max-completion-length "${MAX_NEW_TOKENS}") ;;
   esac
   if [[ "${USE_4BIT}" == 1 ]]; then args+=(--use-4bit); fi
+  if [[ -n "${TRAIN_MINUTES}" ]]; then args+=(--max-minutes "${TRAIN_MINUTES}"); fi
+  if [[ -n "${SEED}" ]]; then args+=(--seed "${SEED}"); fi
   run_step train "${dir}/train.log" "${PYTHON}" "${SCRIPT_DIR}/train_local.py" "${args[@]}"
 }
 

@@ -263,6 +263,8 @@ def test_degenerate_text_is_flagged_beside_an_improvement():
     assert test_model.degenerate_warning({"tuned": summary([fluent]), "base": summary([fluent])}) is None
     warning = test_model.degenerate_warning({"tuned": summary([loop]), "base": summary([fluent])})
     assert warning.startswith("warning: tuned's answers look degenerate (repetitive: distinct-2")
+    flat = "I hear you. I hear you. I hear you, and I am here. Please call your doctor today."
+    assert "more repetitive" in test_model.degenerate_warning({"tuned": summary([flat]), "base": summary([fluent])})
     padded = " ".join(f"{fluent} Also, {i}." for i in range(4))  # fluent but four times as long
     assert "words on average against" in test_model.degenerate_warning(
         {"tuned": summary([padded]), "b": summary([fluent])}

@@ -233,3 +233,12 @@ def test_grpo_with_the_worker_unreachable_exits_3_in_one_line(tiny_model, tmp_pa
 def test_usage_errors_exit_2(tiny_model, tmp_path, args, message):
     result = train(tiny_model, tmp_path / "o", *args)
     assert result.returncode == 2 and message in result.stderr
+
+
+def test_max_minutes_stops_after_the_step_that_passes_the_budget(tiny_model, pairs, tmp_path):
+    out = tmp_path / "o"
+    result = train(tiny_model, out, "--method", "dpo", "--data", pairs, "--max-steps", "50", "--max-minutes", "0.0001")
+    assert result.returncode == 0, result.stderr
+    assert "--max-minutes 0.0001 reached at step 1" in result.stderr
+    assert json.loads((out / "training_summary.json").read_text())["steps"] == 1
+    assert (out / "adapter_model.safetensors").is_file()
