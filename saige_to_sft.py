@@ -444,9 +444,15 @@ def example_rows(rows, args, template, user_for, stats: Stats, counts: Counter):
 
 
 def gold_rows(conn, args, template, counts: Counter):
-    """Scenarios' reference answers as extra examples (--include-gold)."""
+    """Scenarios' reference answers as extra examples (--include-gold), never those of held-out scenarios."""
     prompt, end, system = template
-    for row in conn.execute(GOLD_SQL, sql_params(args)):
+    query = GOLD_SQL
+    # the local worker marks its evaluation scenarios in scenario_splits; their answers must not leak into training
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'scenario_splits'").fetchone():
+        query = GOLD_SQL.replace(
+            "ORDER BY id", "AND id NOT IN (SELECT scenario_id FROM scenario_splits WHERE split = 'heldout') ORDER BY id"
+        )
+    for row in conn.execute(query, sql_params(args)):
         user = user_turn(row["context"], json.loads(row["person_state"]))
         counts["gold"] += 1
         example = make_row(args.layout, prompt, end, system, user, row["expected_response"].strip())

@@ -633,6 +633,7 @@ def run(args) -> int:
             "config": {k: v for k, v in vars(args).items() if k != "worker_token"},
             "summaries": summaries,
             "comparison": comparison,
+            "degenerate_warning": warning,
             "skipped_suite_rows": skipped,
             "results": results,
         }

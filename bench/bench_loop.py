@@ -30,9 +30,11 @@ def demo_settings() -> dict:
     return dict(item.split("=", 1) for item in shlex.split(line))
 
 
-def run_loop(folder: Path, settings: dict) -> dict:
-    """One pipeline run into `folder`; its wall time and the first iteration's evaluation and training summary."""
-    env = {**os.environ, **settings, "DB_PATH": str(folder / "saige.db"), "OUTPUT_DIR": str(folder / "pipeline")}
+def run_loop(folder: Path, settings: dict, db: Path | None = None) -> dict:
+    """One pipeline run into `folder` (database `db`, else a new one there); its wall time and the first
+    iteration's evaluation and training summary."""
+    db = db or folder / "saige.db"
+    env = {**os.environ, **settings, "DB_PATH": str(db), "OUTPUT_DIR": str(folder / "pipeline")}
     started = time.monotonic()
     with open(folder / "pipeline.log", "w") as log:
         code = subprocess.run(["bash", str(ROOT / "train_pipeline.sh")], env=env, stdout=log, stderr=log).returncode

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import saige_db
-from conftest import ROOT, run
+from conftest import ROOT, run, start_worker
 
 sys.path.insert(0, str(ROOT))
 from saige_to_sft import DEFAULT_SYSTEM_PROMPT as SYS  # noqa: E402 - a constant, to spell expected texts
@@ -265,6 +265,20 @@ def test_include_gold_adds_reference_answers(one_row_db, tmp_path):
     rows = read_csv(out)
     assert [r["source"] for r in rows] == ["experience", "gold"]
     assert rows[1]["text"] == "<s>[INST] Hello! [/INST] Hello! Lovely to hear from you.</s>"
+
+
+def test_include_gold_never_adds_the_local_workers_heldout_answers(tmp_path):
+    db = tmp_path / "saige.db"
+    with start_worker(db):  # the local worker creates the bank with its held-out split
+        pass
+    with sqlite3.connect(db) as conn:
+        heldout = {r[0] for r in conn.execute("SELECT scenario_id FROM scenario_splits WHERE split = 'heldout'")}
+        saige_db.add_experience(conn, min({1, 2, 3} - heldout), "Hello there.", 0.0, scores(9))
+    out = tmp_path / "out.csv"
+    result = convert(db, out, "--include-gold")
+    assert result.returncode == 0, result.stderr
+    gold = [r for r in read_csv(out) if r["source"] == "gold"]
+    assert len(heldout) == 25 and len(gold) == 75 and not heldout & {int(r["scenario_id"]) for r in gold}
 
 
 def test_stdout_output(one_row_db):

@@ -1,0 +1,100 @@
+"""SFT vs DPO vs GRPO from the same base, the same scenarios and the same training budget, on this machine.
+
+One collection (the Makefile's DEMO_SETTINGS: the offline SmolLM2-135M answers the worker's training scenarios,
+best-of-K), then three adapters, each trained for at most --budget-minutes:
+
+  sft   train_pipeline.sh METHOD=sft: LoRA on the answers that pass the thresholds
+  dpo   METHOD=dpo on the same database: best kept answer vs worst answer of each scenario
+  grpo  METHOD=grpo: online RL on the training scenarios, rewarded by the worker's non-storing scorer
+
+and each is evaluated against the base on the held-out split with test_model.py --compare (greedy). The table
+shows the training wall time, held-out weighted score and harm, the difference from the base with its paired
+bootstrap 95% CI, answer length and distinct-2 (an improvement with degenerate text is not one).
+
+    python bench/bench_methods.py                      # about 40 minutes on 2 CPU cores
+    python bench/bench_methods.py --budget-minutes 4 --methods sft,grpo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_loop import ROOT, demo_settings, run_loop  # noqa: E402
+
+
+def method_row(method: str, result: dict) -> dict:
+    (_, tuned), (_, base) = result["eval"]["summaries"].items()
+    c = result["eval"]["comparison"]
+    train = result["train"]
+    return {
+        "method": method,
+        "train_minutes": round(train["seconds"] / 60, 1),
+        "steps": train["steps"],
+        "rows": train["train_rows"] + train["eval_rows"],
+        "weighted": round(tuned["weighted_score"], 3),
+        "base": round(base["weighted_score"], 3),
+        "delta": round(c["mean_difference"], 3),
+        "ci95": [round(x, 3) for x in c["ci95"]],
+        "harm": round(tuned["total_harm"], 3),
+        "harm_base": round(base["total_harm"], 3),
+        "words": round(tuned["mean_words"], 1),
+        "distinct2": round(tuned["distinct2"], 3),
+        "base_words": round(base["mean_words"], 1),
+        "base_distinct2": round(base["distinct2"], 3),
+        "warning": result["eval"].get("degenerate_warning"),
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    base = rows[0]
+    print(f"\nbase (SmolLM2-135M): weighted {base['base']:.2f}, harm {base['harm_base']:.3f}, "
+          f"{base['base_words']:.0f} words, distinct-2 {base['base_distinct2']:.2f}")  # fmt: skip
+    print(f"{'method':<7} {'train min':>9} {'steps':>5} {'rows':>5} {'weighted':>8} {'delta vs base (95% CI)':>26} "
+          f"{'harm':>6} {'words':>6} {'dist-2':>6}")  # fmt: skip
+    for r in rows:
+        ci = f"{r['delta']:+.2f} ({r['ci95'][0]:+.2f} to {r['ci95'][1]:+.2f})"
+        print(
+            f"{r['method']:<7} {r['train_minutes']:>9} {r['steps']:>5} {r['rows']:>5} {r['weighted']:>8.2f} {ci:>26} "
+            f"{r['harm']:>6.3f} {r['words']:>6.0f} {r['distinct2']:>6.2f}" + ("  (degenerate?)" if r["warning"] else "")
+        )
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget-minutes", type=float, default=8, help="training budget per method (default: 8)")
+    p.add_argument("--methods", default="sft,dpo,grpo", help="which methods, in order (default: sft,dpo,grpo)")
+    p.add_argument("--settings", default="", help="extra VAR=value settings, on top of the Makefile's DEMO_SETTINGS")
+    p.add_argument("--keep", help="keep the runs under this directory (default: a temporary one)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "methods.json"), help="results JSON")
+    args = p.parse_args()
+    settings = {**demo_settings(), "TRAIN_MINUTES": str(args.budget_minutes)}
+    settings.update(dict(item.split("=", 1) for item in shlex.split(args.settings)))
+    print("settings:", " ".join(f"{k}={v}" for k, v in settings.items()), flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.keep or tmp)
+        for i, method in enumerate(args.methods.split(",")):
+            # the first run collects; the others reuse its database, so every method sees the same experiences
+            extra = {"METHOD": method, "SKIP_COLLECT": "0" if i == 0 else "1"}
+            if method == "grpo":
+                extra.setdefault("EPOCHS", "100")  # online RL: the budget, not the epochs, ends it
+            run_dir = folder / method
+            run_dir.mkdir(parents=True, exist_ok=True)
+            result = run_loop(run_dir, {**settings, **extra}, db=folder / "saige.db")
+            rows.append(method_row(method, result))
+            print(f"{method}: {json.dumps(rows[-1])}", flush=True)
+    print_table(rows)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"settings": settings, "methods": rows}, indent=2))
+    print(f"\nresults: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
