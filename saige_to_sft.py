@@ -280,6 +280,20 @@ def clean_response(text: str) -> str:
     return text.strip()
 
 
+# the longest prefix that ends a sentence: . ! ? (or …) with any closing quote or bracket, then space or the end
+LAST_SENTENCE = re.compile(r".*[.!?\u2026][\"')\]\u201d\u2019]*(?=\s|$)", re.S)
+
+
+def trim_unfinished(text: str) -> str:
+    """An answer cut mid-sentence (by a generation limit) back to its last full sentence, so the model does not
+    learn to stop mid-thought; an answer without a full sentence of three words or more is kept whole."""
+    text = text.rstrip()
+    if not text or text[-1] in ".!?\u2026\"')]\u201d\u2019":
+        return text
+    match = LAST_SENTENCE.match(text)
+    return match.group(0) if match and len(match.group(0).split()) >= 3 else text
+
+
 def dedup_key(text: str | None) -> str:
     """Answers that differ only in case, spacing, punctuation or a role prefix share a key."""
     words = re.findall(r"\w+", clean_response(text or "").lower())
@@ -433,6 +447,9 @@ def example_rows(rows, args, template, user_for, stats: Stats, counts: Counter):
         if not answer.strip():
             counts["dropped_empty_after_cleanup"] += 1
             continue
+        if args.trim_unfinished and trim_unfinished(answer) != answer.rstrip():
+            answer = trim_unfinished(answer)
+            counts["trimmed_unfinished"] += 1
         if len(answer) != len(raw) and answer != raw.strip():
             counts["cleaned"] += 1
         harm, weighted, alignment, difficulty = row["actual_harm"], row["weighted"], row["alignment"], row["difficulty"]
@@ -486,6 +503,8 @@ def dpo_pairs(conn, args, template, counts: Counter):
     prompt, end, system = template
     for row in conn.execute(dpo_sql(args), sql_params(args)):
         chosen, rejected = (clean_response(row[k]) if args.clean else row[k] for k in ("chosen", "rejected"))
+        if args.trim_unfinished:  # both sides alike, so the preference is about content, not about finishing
+            chosen, rejected = trim_unfinished(chosen), trim_unfinished(rejected)
         if not chosen or not rejected:
             continue
         user = user_turn(row["context"], json.loads(row["person_state"]))
@@ -535,6 +554,8 @@ def report(stats: Stats, funnel: Counter, counts: Counter, args) -> list[str]:
             f"Cleanup: {counts['cleaned']} answers cleaned (role prefixes, invented turns), "
             f"{counts['dropped_empty_after_cleanup']} dropped as empty"
         )
+    if args.trim_unfinished:
+        lines.append(f"Trimmed: {counts['trimmed_unfinished']} unfinished answers cut back to their last full sentence")
     if counts["dpo_pairs"] or args.dpo_output:
         lines.append(f"DPO pairs: {counts['dpo_pairs']} written to {args.dpo_output}")
     return lines
@@ -582,6 +603,7 @@ def sidecar(args, template, funnel: Counter, counts: Counter, conn) -> dict:
                 "limit",
                 "best_per_scenario",
                 "dedup",
+                "trim_unfinished",
                 "clean",
                 "include_gold",
             )
@@ -693,6 +715,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         metavar="K",
         help="keep the K best experiences of each scenario (by weighted score, then harm)",
+    )
+    sel.add_argument(
+        "--trim-unfinished",
+        action="store_true",
+        help="cut answers that stop mid-sentence (a generation limit) back to their last full sentence",
     )
     sel.add_argument(
         "--dedup",

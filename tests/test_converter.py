@@ -425,3 +425,33 @@ def test_help_documents_every_flag():
     ]:
         assert flag in result.stdout, flag
     assert "tinyllama" in result.stdout and "chatml" in result.stdout and "(default: 0.3)" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "answer, kept",
+    [
+        (
+            "Call your doctor today. Keep the pill box with you. If you feel dizzy, go",
+            "Call your doctor today. Keep the pill box with you.",
+        ),
+        ('She said "rest first." Then drink water and', 'She said "rest first."'),
+        ("Done already!", "Done already!"),
+        ("No full sentence here and then it just", "No full sentence here and then it just"),
+        (
+            "Ok. and then it goes on without an end",
+            "Ok. and then it goes on without an end",
+        ),  # "Ok." is too short to keep
+    ],
+)
+def test_trim_unfinished_cuts_back_to_the_last_full_sentence(db_path, tmp_path, answer, kept):
+    conn = sqlite3.connect(db_path)
+    with conn:
+        sid = saige_db.add_scenario(conn, "I took my pill twice.")
+        saige_db.add_experience(conn, sid, answer, 0.0, scores(9))
+    conn.close()
+    out = tmp_path / "out.jsonl"
+    result = run(SCRIPT, "--db", db_path, "-o", out, "--output-format", "jsonl", "--layout", "prompt-completion",
+                 "--format", "chatml", "--trim-unfinished")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["completion"] == kept + "<|im_end|>\n"
+    assert f"Trimmed: {int(kept != answer)} unfinished answers" in result.stderr
