@@ -39,6 +39,7 @@ import importlib.util
 import json
 import os
 import queue
+import random
 import signal
 import sqlite3
 import sys
@@ -275,6 +276,24 @@ class WorkerClient:
         self.url, self.token, self.retries = url.rstrip("/"), token, retries
         self.timeout = (min(CONNECT_TIMEOUT_S, timeout), timeout)
         self.local = threading.local()
+        self.deck, self.deck_lock = None, threading.Lock()  # --scenarios cover: the scenarios, dealt in turn
+
+    def deal_scenarios(self, difficulty: int, seed: int | None) -> int:
+        """--scenarios cover: deal every training scenario in turn (a shuffled deck, reshuffled when used up)
+        instead of random draws, which ask some scenarios often and miss others. Needs the local worker's
+        GET /api/scenarios; returns how many scenarios the deck holds (0: the worker has no such endpoint)."""
+        try:
+            response = self.session("GET").get(
+                f"{self.url}/api/scenarios", params={"split": "train"}, timeout=self.timeout
+            )
+            scenarios = response.json()["scenarios"] if response.ok else []
+        except (requests.RequestException, ValueError, KeyError, TypeError):
+            scenarios = []
+        scenarios = [x for x in scenarios if isinstance(x, dict) and not scenario_problem(x)]
+        scenarios = [x for x in scenarios if int(x.get("difficulty_level") or 1) <= difficulty]
+        if scenarios:
+            self.deck = shuffled_forever(scenarios, random.Random(seed))
+        return len(scenarios)
 
     def session(self, method: str) -> requests.Session:
         sessions = getattr(self.local, "sessions", None)
@@ -307,7 +326,11 @@ class WorkerClient:
         return body if isinstance(body, dict) else {}
 
     def get_scenario(self, difficulty: int, note) -> dict:
-        """A random scenario; malformed or truncated answers and scenarios missing fields are fetched again."""
+        """A random scenario (or the deck's next); malformed or truncated answers and scenarios missing fields
+        are fetched again."""
+        if self.deck is not None:
+            with self.deck_lock:
+                return next(self.deck)
         problem = "malformed scenario JSON"
         for attempt in range(self.retries + 1):
             if not problem.startswith("scenario missing"):
@@ -986,6 +1009,14 @@ class RunState:
             return self.posting == 0 and self.results.empty()
 
 
+def shuffled_forever(items: list, rng: random.Random):
+    """Every item once in a random order, then again in a new order, and so on."""
+    while True:
+        deck = list(items)
+        rng.shuffle(deck)
+        yield from deck
+
+
 def plan_jobs(episodes: int, per_scenario: int) -> list[int]:
     """Samples per scenario: K for each, and the remainder for the last."""
     full, rest = divmod(episodes, per_scenario)
@@ -1339,6 +1370,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("--episodes", type=positive_int, default=DEFAULT_EPISODES, help="episodes (default: %(default)s)")
     w.add_argument(
+        "--scenarios",
+        choices=["random", "cover"],
+        default="random",
+        help="random: the worker's random draws (GET /api/get-scenario); cover: every training scenario of the "
+        "local worker in turn, in a shuffled order, so none is asked twice before all are asked once "
+        "(default: %(default)s)",
+    )
+    w.add_argument(
         "--difficulty",
         type=int,
         choices=range(1, 6),
@@ -1579,6 +1618,12 @@ def run(args: argparse.Namespace) -> int:
     # At start, few retries: a worker that is not running should be reported in a second, not in half a minute.
     health = WorkerClient(args.worker_url, args.worker_token, args.timeout, min(args.retries, 2)).health()
     worker = WorkerClient(args.worker_url, args.worker_token, args.timeout, args.retries)
+    if args.scenarios == "cover" and not worker.deal_scenarios(args.difficulty, args.seed):
+        print(
+            f"{PROG}: warning: {args.worker_url} cannot list its scenarios (GET /api/scenarios, a local worker "
+            "extra); --scenarios cover falls back to random draws",
+            file=sys.stderr,
+        )
     db, db_is_worker = open_db(args, health)
     state = RunState()
     backend = make_backend(args, state.stop)

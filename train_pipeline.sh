@@ -164,7 +164,7 @@ collect() {
   local args=(--worker-url "${WORKER_URL}" --episodes "${TRAINING_EPISODES}" --difficulty "${DIFFICULTY}"
     --db "${DB_PATH}" --backend "${BACKEND}" --model "${MODEL}" --samples-per-scenario "${SAMPLES_PER_SCENARIO}"
     --concurrency "${CONCURRENCY}" --temperature "${TEMPERATURE}" --max-new-tokens "${MAX_NEW_TOKENS}"
-    --output-jsonl "${dir}/episodes.jsonl" --resume --quiet)
+    --scenarios cover --output-jsonl "${dir}/episodes.jsonl" --resume --quiet)
   if [[ -n "${adapter}" ]]; then args+=(--adapter "${adapter}"); fi
   if [[ -n "${SEED}" ]]; then args+=(--seed "${SEED}"); fi
   run_step collect "${dir}/collect.log" "${PYTHON}" "${SCRIPT_DIR}/collect_experiences.py" "${args[@]}"

@@ -377,6 +377,22 @@ def test_echo_fills_a_new_db_and_jsonl_that_agree(worker, tmp_path):
     assert converted.returncode == 0, converted.stderr
 
 
+def test_cover_asks_every_training_scenario_before_any_twice(worker, tmp_path):
+    log = tmp_path / "runs.jsonl"
+    result = collect(worker.url, "--backend", "echo", "--episodes", "90", "--samples-per-scenario", "2", "-q",
+                     "--difficulty", "5", "--scenarios", "cover", "--seed", "1", "--output-jsonl", log)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    asked = Counter(e["scenario"]["id"] for e in lines_of(log))
+    heldout = {r[0] for r in rows(worker.db, "SELECT scenario_id FROM scenario_splits WHERE split = 'heldout'")}
+    assert len(asked) == 45 and set(asked.values()) == {2} and not heldout & set(asked)  # 45 scenarios, K=2 each
+    again = tmp_path / "again.jsonl"
+    result = collect(worker.url, "--backend", "echo", "--episodes", "150", "--difficulty", "5", "--scenarios", "cover",
+                     "--output-jsonl", again, "-q", "--concurrency", "8")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    counts = Counter(e["scenario"]["id"] for e in lines_of(again))
+    assert len(counts) == 75 and set(counts.values()) == {2}  # 150 episodes: every training scenario twice
+
+
 def test_db_that_is_the_workers_own_gets_each_experience_once(worker, tmp_path):
     log = tmp_path / "runs.jsonl"
     result = collect(worker.url, "--backend", "echo", "--episodes", "6", "--db", worker.db, "--output-jsonl", log,
