@@ -276,6 +276,8 @@ def prompts_from_scenarios(scenarios: list[dict], tokenizer, inline: bool):
 
     if not getattr(tokenizer, "chat_template", None):
         raise CliError("the model has no chat template; pass --data with the converter's output to use its format")
+    if not inline and not all(isinstance(s.get("id"), int) for s in scenarios):
+        raise CliError("scoring with a storing worker needs the id of each scenario; some --suite rows have none")
     refs = [{"scenario": s} if inline else {"scenario_id": s["id"]} for s in scenarios]
     return Dataset.from_dict(
         {
@@ -411,8 +413,10 @@ def grpo_prompts(args, client: ScoringClient, tokenizer, bos: str | None):
     if args.data:
         data = load_rows(Path(args.data))
         check_columns(data, Path(args.data), "grpo")
-        data = data.filter(lambda r: r["scenario_id"] not in heldout)
-        prompts = prompts_from_data(data, read_sidecar(Path(args.data)), bos)
+        kept = data.filter(lambda r: r["scenario_id"] not in heldout)
+        if kept.num_rows < data.num_rows:
+            log(f"left out {data.num_rows - kept.num_rows} rows of held-out scenarios in {args.data}")
+        prompts = prompts_from_data(kept, read_sidecar(Path(args.data)), bos)
     elif args.suite:
         scenarios = read_suite(Path(args.suite))
         kept = [s for s in scenarios if s.get("id") not in heldout]
