@@ -147,6 +147,7 @@ def test_grpo_takes_prompts_from_converter_output_and_leaves_out_heldout(tiny_mo
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "o" / "training_summary.json").read_text())
     assert summary["train_rows"] == 3  # one prompt per training scenario; held-out ones dropped
+    assert "left out 2 rows of held-out scenarios" in result.stderr
 
 
 class FailingWorker(BaseHTTPRequestHandler):
