@@ -56,7 +56,7 @@ def workers_on(db: Path) -> list[str]:
 
 
 def test_one_iteration_end_to_end(tiny_model, tmp_path):
-    env = settings(tmp_path, tiny_model)
+    env = settings(tmp_path, tiny_model, BEST_PER_SCENARIO="1", TRIM_UNFINISHED="1")
     result = pipeline(env)
     assert result.returncode == 0, result.stderr[-3000:]
     it = tmp_path / "out" / "iter-1"
@@ -76,6 +76,9 @@ def test_one_iteration_end_to_end(tiny_model, tmp_path):
     ]:
         assert (it / name).is_file(), name
     assert len((it / "episodes.jsonl").read_text().splitlines()) == 6
+    meta = json.loads((it / "train.csv.meta.json").read_text())
+    assert meta["filters"]["best_per_scenario"] == 1 and meta["filters"]["trim_unfinished"] is True
+    assert meta["counts"]["written"] == 3  # 6 episodes = 3 scenarios x 2 samples, the best of each kept
     evaluation = json.loads((it / "eval.json").read_text())
     assert evaluation["comparison"]["scenarios"] == 2
     assert "starting the local saige_worker.py" in result.stderr and "stopped the local worker" in result.stderr
