@@ -17,9 +17,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 # the main job: the whole loop (collect, convert, train, evaluate) offline, on a demo database in demo/.
-# The pipeline's own defaults are the thresholds users already use (0.25 / 6.5 / good); SmolLM2-135M's answers
-# rarely reach them, so the demo collects more and keeps moderate answers too.
-DEMO_SETTINGS ?= TRAINING_EPISODES=200 SAMPLES_PER_SCENARIO=4 MAX_HARM=0.3 MIN_BUDDHIST=5.5 MIN_ALIGNMENT=moderate
+# Measured to improve SmolLM2-135M on the held-out split within 30 minutes on 2 CPU cores (README): best-of-8
+# on every training scenario; of the answers that pass (SmolLM2's rarely reach the pipeline's 6.5 / good, so
+# 5.5 / moderate), each scenario's 2 best, cut back to their last full sentence; 3 epochs.
+DEMO_SETTINGS ?= TRAINING_EPISODES=600 SAMPLES_PER_SCENARIO=8 MAX_HARM=0.25 MIN_BUDDHIST=5.5 \
+	MIN_ALIGNMENT=moderate BEST_PER_SCENARIO=2 TRIM_UNFINISHED=1 EPOCHS=3
 DEMO_DIR ?= demo
 demo: setup
 	mkdir -p $(DEMO_DIR)
