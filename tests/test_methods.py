@@ -243,3 +243,15 @@ def test_max_minutes_stops_after_the_step_that_passes_the_budget(tiny_model, pai
     assert "--max-minutes 0.0001 reached at step 1" in result.stderr
     assert json.loads((out / "training_summary.json").read_text())["steps"] == 1
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_grpo_prompts_are_the_converters_and_evaluators_copy():
+    import inspect
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    import saige_to_sft
+    import train_local
+
+    assert train_local.DEFAULT_SYSTEM_PROMPT == saige_to_sft.DEFAULT_SYSTEM_PROMPT
+    assert inspect.getsource(train_local.user_turn) == inspect.getsource(saige_to_sft.user_turn)  # byte-identical
