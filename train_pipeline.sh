@@ -35,6 +35,8 @@ readonly SETTINGS=(
   "LORA_RANK|16|train_local.py LoRA rank"
   "TRAIN_MINUTES||stop training after this many minutes (the adapter is kept); empty = no limit"
   "SEED||collection and training seed; empty = unseeded sampling, the trainer's default seed (42)"
+  "EVAL_SAMPLES|1|evaluator: answers per held-out scenario; 1 = greedy, more = sampled at EVAL_TEMPERATURE"
+  "EVAL_TEMPERATURE|0.7|evaluator: sampling temperature when EVAL_SAMPLES is above 1"
   "EVAL_LIMIT||evaluate only the first N held-out scenarios (empty = all)"
   "ITERATIONS|1|how many collect-convert-train-evaluate rounds"
   "SKIP_COLLECT|0|1 = use the experiences already in DB_PATH"
@@ -86,7 +88,8 @@ validate() {
     || die "FORMAT=${FORMAT}: use tinyllama, mistral, llama3, chatml or auto"
   [[ "${METHOD}" =~ ^(sft|dpo|grpo)$ ]] || die "METHOD=${METHOD}: use sft, dpo or grpo"
   local name
-  for name in TRAINING_EPISODES SAMPLES_PER_SCENARIO CONCURRENCY ITERATIONS BATCH_SIZE LORA_RANK MAX_NEW_TOKENS; do
+  for name in TRAINING_EPISODES SAMPLES_PER_SCENARIO CONCURRENCY ITERATIONS BATCH_SIZE LORA_RANK MAX_NEW_TOKENS \
+    EVAL_SAMPLES; do
     [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || die "${name}=${!name}: must be a positive integer"
   done
   [[ "${DIFFICULTY}" =~ ^[1-5]$ ]] || die "DIFFICULTY=${DIFFICULTY}: must be 1 to 5"
@@ -216,6 +219,7 @@ evaluate() {
     --max-new-tokens "${MAX_NEW_TOKENS}" --report "${dir}/eval.md" --json "${dir}/eval.json"
     --plot "${dir}/eval.png" -q)
   if [[ -n "${EVAL_LIMIT}" ]]; then args+=(--limit "${EVAL_LIMIT}"); fi
+  if ((EVAL_SAMPLES > 1)); then args+=(--samples "${EVAL_SAMPLES}" --temperature "${EVAL_TEMPERATURE}"); fi
   run_step evaluate "${dir}/eval.log" "${PYTHON}" "${SCRIPT_DIR}/test_model.py" "${args[@]}"
 }
 

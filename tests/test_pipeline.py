@@ -91,7 +91,8 @@ def test_one_iteration_end_to_end(tiny_model, tmp_path):
 @pytest.mark.parametrize("method", ["dpo", "grpo"])
 def test_one_iteration_with_dpo_or_grpo(tiny_model, tmp_path, method):
     # 4 sampled answers per scenario: the tiny model's babble scores differently, so each scenario yields a pair
-    env = settings(tmp_path, tiny_model, METHOD=method, SAMPLES_PER_SCENARIO="4", TRAINING_EPISODES="8", EPOCHS="1")
+    env = settings(tmp_path, tiny_model, METHOD=method, SAMPLES_PER_SCENARIO="4", TRAINING_EPISODES="8", EPOCHS="1",
+                   EVAL_SAMPLES="2")  # fmt: skip
     result = pipeline(env)
     assert result.returncode == 0, result.stderr[-3000:]
     it = tmp_path / "out" / "iter-1"
@@ -99,7 +100,8 @@ def test_one_iteration_with_dpo_or_grpo(tiny_model, tmp_path, method):
     assert summary["method"] == method
     assert (it / "pairs.jsonl").is_file() == (method == "dpo")
     assert (it / "train.csv").is_file() == (method == "dpo")  # GRPO needs no conversion
-    assert json.loads((it / "eval.json").read_text())["comparison"]["scenarios"] == 2
+    evaluation = json.loads((it / "eval.json").read_text())
+    assert evaluation["comparison"]["scenarios"] == 2 and evaluation["config"]["samples"] == 2
     rows = summary["train_rows"] + summary["eval_rows"]
     assert result.stdout.splitlines()[1].split()[:2] == ["1", str(rows)]
     assert not workers_on(tmp_path / "saige.db")
