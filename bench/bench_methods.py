@@ -28,6 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_loop import ROOT, demo_settings, run_loop  # noqa: E402
 
 
+def finished_run(run_dir: Path) -> dict | None:
+    """A method already trained and evaluated in a --keep folder (a cut benchmark resumes where it stopped)."""
+    it = run_dir / "pipeline" / "iter-1"
+    if not (it / "eval.json").is_file():
+        return None
+    train = json.loads((it / "adapter" / "training_summary.json").read_text())
+    return {"seconds": None, "eval": json.loads((it / "eval.json").read_text()), "train": train}
+
+
 def method_row(method: str, result: dict) -> dict:
     (_, tuned), (_, base) = result["eval"]["summaries"].items()
     c = result["eval"]["comparison"]
@@ -70,7 +79,9 @@ def main() -> int:
     p.add_argument("--budget-minutes", type=float, default=8, help="training budget per method (default: 8)")
     p.add_argument("--methods", default="sft,dpo,grpo", help="which methods, in order (default: sft,dpo,grpo)")
     p.add_argument("--settings", default="", help="extra VAR=value settings, on top of the Makefile's DEMO_SETTINGS")
-    p.add_argument("--keep", help="keep the runs under this directory (default: a temporary one)")
+    p.add_argument(
+        "--keep", help="keep the runs under this directory, and resume there: finished methods are not rerun"
+    )
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "methods.json"), help="results JSON")
     args = p.parse_args()
     settings = {**demo_settings(), "TRAIN_MINUTES": str(args.budget_minutes)}
@@ -79,14 +90,15 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.keep or tmp)
-        for i, method in enumerate(args.methods.split(",")):
-            # the first run collects; the others reuse its database, so every method sees the same experiences
-            extra = {"METHOD": method, "SKIP_COLLECT": "0" if i == 0 else "1"}
-            if method == "grpo":
-                extra.setdefault("EPOCHS", "100")  # online RL: the budget, not the epochs, ends it
+        for method in args.methods.split(","):
             run_dir = folder / method
-            run_dir.mkdir(parents=True, exist_ok=True)
-            result = run_loop(run_dir, {**settings, **extra}, db=folder / "saige.db")
+            result = finished_run(run_dir) if args.keep else None
+            if result is None:  # the first run collects; the others reuse its database: the same experiences
+                extra = {"METHOD": method, "SKIP_COLLECT": "1" if (folder / "saige.db").exists() else "0"}
+                if method == "grpo":
+                    extra["EPOCHS"] = "100"  # online RL: the budget, not the epochs, ends it
+                run_dir.mkdir(parents=True, exist_ok=True)
+                result = run_loop(run_dir, {**settings, **extra}, db=folder / "saige.db")
             rows.append(method_row(method, result))
             print(f"{method}: {json.dumps(rows[-1])}", flush=True)
     print_table(rows)
