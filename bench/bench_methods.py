@@ -60,6 +60,25 @@ def method_row(method: str, result: dict) -> dict:
     }
 
 
+def per_scenario(result: dict) -> dict:
+    """The tuned model's mean weighted score on each held-out scenario (over its samples)."""
+    answers = next(iter(result["eval"]["results"].values()))
+    scores: dict = {}
+    for a in answers:
+        scores.setdefault(a["scenario_id"], []).append(a["outcome"]["buddhist_assessment"]["weighted_score"])
+    return {k: sum(v) / len(v) for k, v in scores.items()}
+
+
+def versus(result: dict, reference: dict, resamples: int = 2000) -> tuple[float, list[float]]:
+    """Paired difference of two methods on the same scenarios, with a bootstrap 95% CI (as test_model.py does)."""
+    import numpy as np
+
+    mine, theirs = per_scenario(result), per_scenario(reference)
+    diffs = np.array([mine[k] - theirs[k] for k in sorted(mine.keys() & theirs.keys())])
+    means = diffs[np.random.default_rng(42).integers(0, len(diffs), size=(resamples, len(diffs)))].mean(axis=1)
+    return round(float(diffs.mean()), 3), [round(float(x), 3) for x in np.percentile(means, [2.5, 97.5])]
+
+
 def print_table(rows: list[dict]) -> None:
     base = rows[0]
     print(f"\nbase (SmolLM2-135M): weighted {base['base']:.2f}, harm {base['harm_base']:.3f}, "
@@ -70,7 +89,13 @@ def print_table(rows: list[dict]) -> None:
         ci = f"{r['delta']:+.2f} ({r['ci95'][0]:+.2f} to {r['ci95'][1]:+.2f})"
         print(
             f"{r['method']:<7} {r['train_minutes']:>9} {r['steps']:>5} {r['rows']:>5} {r['weighted']:>8.2f} {ci:>26} "
-            f"{r['harm']:>6.3f} {r['words']:>6.0f} {r['distinct2']:>6.2f}" + ("  (degenerate?)" if r["warning"] else "")
+            f"{r['harm']:>6.3f} {r['words']:>6.0f} {r['distinct2']:>6.2f}"
+            + (
+                f"  vs sft {r['vs_sft']:+.2f} ({r['vs_sft_ci95'][0]:+.2f} to {r['vs_sft_ci95'][1]:+.2f})"
+                if "vs_sft" in r
+                else ""
+            )
+            + ("  (degenerate?)" if r["warning"] else "")
         )
 
 
@@ -87,7 +112,7 @@ def main() -> int:
     settings = {**demo_settings(), "TRAIN_MINUTES": str(args.budget_minutes)}
     settings.update(dict(item.split("=", 1) for item in shlex.split(args.settings)))
     print("settings:", " ".join(f"{k}={v}" for k, v in settings.items()), flush=True)
-    rows = []
+    rows, results = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.keep or tmp)
         for method in args.methods.split(","):
@@ -100,6 +125,9 @@ def main() -> int:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 result = run_loop(run_dir, {**settings, **extra}, db=folder / "saige.db")
             rows.append(method_row(method, result))
+            if method != "sft" and "sft" in results:  # the target: a method that beats SFT, CI above zero
+                rows[-1]["vs_sft"], rows[-1]["vs_sft_ci95"] = versus(result, results["sft"])
+            results[method] = result
             print(f"{method}: {json.dumps(rows[-1])}", flush=True)
     print_table(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
