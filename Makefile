@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo demo-settings test test-slow lint bench
+.PHONY: setup demo demo-settings test test-slow lint bench sync fuzz
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -44,3 +44,11 @@ lint: setup
 
 bench: setup
 	$(PY) bench/bench_converter.py
+
+# rewrite every script's copy of the shared helpers from shared_blocks/ (tests/test_shared_copies.py checks them)
+sync:
+	$(PYTHON) shared_blocks/sync.py
+
+# the fuzz tests with a long budget (CI runs each with SAIGE_FUZZ_EXAMPLES' default, under a minute)
+fuzz: setup
+	SAIGE_FUZZ_EXAMPLES=2000 $(PY) -m pytest -k fuzz -p no:cacheprovider

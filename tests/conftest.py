@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import signal
 import subprocess
@@ -124,3 +125,23 @@ def tiny_model(tmp_path_factory) -> Path:
     )
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+# --- the bad-input matrices (tests/test_*_safety.py) -------------------------------------------------------
+# Fuzz tests run a fixed number of examples from a fixed seed in CI; `make fuzz` raises the budget.
+FUZZ_EXAMPLES = int(os.environ.get("SAIGE_FUZZ_EXAMPLES", "40"))
+
+
+def snapshot(*paths: Path) -> dict:
+    """Each path's bytes (None when absent), to prove a failed run left every file as it was."""
+    return {Path(p): (Path(p).read_bytes() if Path(p).is_file() else None) for p in paths}
+
+
+def assert_refused(result: subprocess.CompletedProcess, code: int, pattern: str, unchanged: dict | None = None):
+    """A clean refusal: the exit code, no traceback, a stderr line matching `pattern`, every file unchanged."""
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == code, f"exit {result.returncode}, expected {code}:\n{result.stderr}"
+    assert re.search(pattern, result.stderr, re.I | re.M), f"{pattern!r} not in:\n{result.stderr}"
+    for path, before in (unchanged or {}).items():
+        after = path.read_bytes() if path.is_file() else None
+        assert after == before, f"{path} changed"

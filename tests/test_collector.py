@@ -26,20 +26,18 @@ import threading
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import requests
 import saige_db
 from conftest import ROOT, run
+from fault_worker import FaultProxy, Reply, json_reply, serve
 
 SCRIPT = "collect_experiences.py"
 URL_LINE = re.compile(r"^SAIGE worker listening on (http://127\.0\.0\.1:\d+)$")
 JS_ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")  # the contract's stored timestamp form
 START_TIMEOUT_S = 20
-STALL_S = 2.5  # a stalled answer; the collector runs with --timeout 1
 FAST = ("--retries", "2", "--timeout", "1")  # keep retry backoff (0 s, then 1 s) short in tests
 CHATML = "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
 KIND = "I'm sorry you're going through this. You're not alone; would you like to talk it through?"
@@ -129,116 +127,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# --- loopback test servers -------------------------------------------------------------------------------
-@dataclass
-class Reply:
-    status: int
-    body: bytes = b""
-    headers: dict = field(default_factory=lambda: {"Content-Type": "application/json"})
-    declared_length: int | None = None  # a Content-Length larger than the body: a truncated answer
-
-
-def json_reply(status: int, payload) -> Reply:
-    return Reply(status, json.dumps(payload).encode())
-
-
-class Handler(BaseHTTPRequestHandler):
-    """Hands every request to server.app(method, path, headers, body) -> Reply, or None to hang up."""
-
-    def do_GET(self):
-        self.dispatch("GET")
-
-    def do_POST(self):
-        self.dispatch("POST")
-
-    def dispatch(self, method: str) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        reply = self.server.app(method, self.path, self.headers, body)
-        self.close_connection = True
-        if reply is None:
-            return
-        length = reply.declared_length or len(reply.body)
-        head = [f"HTTP/1.1 {reply.status} X", f"Content-Length: {length}", "Connection: close"]
-        head += [f"{k}: {v}" for k, v in reply.headers.items()]
-        # one write, so neither Nagle nor delayed ACKs add latency
-        self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode() + reply.body)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def serve(app):
-    """Run `app` on a free loopback port; yields its base URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    server.app = app
-    app.server = server
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        if not getattr(app, "dead", False):
-            server.shutdown()
-            server.server_close()
-
-
-class FaultProxy:
-    """Forwards to the worker, except for the faults queued per method: each request takes the next one."""
-
-    def __init__(self, upstream: str, get=(), post=(), die_after_posts: int | None = None):
-        self.upstream = upstream
-        self.faults = {"GET": list(get), "POST": list(post)}
-        self.die_after_posts = die_after_posts
-        self.seen: Counter = Counter()
-        self.forwarded_posts = 0
-        self.dead = False
-        self.lock = threading.Lock()
-
-    def forward(self, method: str, path: str, headers, body: bytes) -> Reply:
-        auth = {"Authorization": headers["Authorization"]} if headers.get("Authorization") else {}
-        r = requests.request(method, self.upstream + path, data=body, headers=auth, timeout=10)
-        return Reply(r.status_code, r.content, {"Content-Type": r.headers.get("Content-Type", "application/json")})
-
-    def __call__(self, method: str, path: str, headers, body: bytes) -> Reply | None:
-        with self.lock:
-            if self.dead:
-                return None
-            api = path.startswith("/api/")
-            self.seen[method, path.split("?")[0]] += 1
-            fault = self.faults[method].pop(0) if api and self.faults[method] else None
-            last = False
-            if method == "POST" and api and self.die_after_posts is not None:
-                if self.forwarded_posts >= self.die_after_posts:
-                    return None  # a POST racing the last one: the dying proxy never forwards it
-                self.forwarded_posts += 1
-                last = self.forwarded_posts == self.die_after_posts
-        if fault == "500":
-            return json_reply(500, {"error": "injected failure"})
-        if fault == "429":
-            return Reply(429, b'{"error": "slow down"}', {"Content-Type": "application/json", "Retry-After": "1"})
-        if fault == "stall":
-            time.sleep(STALL_S)
-            return None
-        if fault == "malformed" and method == "GET":
-            return Reply(200, b'{"id": 3, "context": "an unterminated')
-        reply = self.forward(method, path, headers, body)
-        if fault == "malformed":  # the worker stored it; the answer comes back broken
-            return Reply(200, reply.body[: len(reply.body) // 2])
-        if fault == "truncate":
-            return Reply(reply.status, reply.body[: len(reply.body) // 2], declared_length=len(reply.body))
-        if fault == "missing-context":
-            scenario = json.loads(reply.body)
-            del scenario["context"]
-            return json_reply(200, scenario)
-        if last:  # answer this one, then refuse everything: new connections and old
-            with self.lock:
-                self.dead = True
-            threading.Thread(target=lambda: (self.server.shutdown(), self.server.server_close())).start()
-        return reply
-
-
+# --- loopback test servers ------------------------------------------------------------------------------
 class FakeLLM:
     """Speaks Ollama's /api/tags and /api/chat and the OpenAI /v1/models and /v1/chat/completions."""
 

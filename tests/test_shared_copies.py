@@ -1,0 +1,29 @@
+"""Code copied between the standalone scripts stays identical: each copy equals its file in shared_blocks/."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import ROOT
+
+EXPECTED = {  # block -> the scripts that must carry it
+    "safe paths": {"saige_to_sft.py", "collect_experiences.py", "test_model.py", "train_local.py"},
+}
+
+
+def test_every_copy_of_a_shared_block_matches_its_canonical_file():
+    check = subprocess.run(
+        [sys.executable, str(ROOT / "shared_blocks" / "sync.py"), "--check"], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_each_block_is_where_it_is_needed():
+    sys.path.insert(0, str(ROOT / "shared_blocks"))
+    import sync
+
+    found: dict[str, set[str]] = {}
+    for script, name, _ in sync.copies():
+        found.setdefault(name, set()).add(script.name)
+    assert found == EXPECTED
