@@ -18,27 +18,40 @@ Examples:
   python saige_worker.py --db ./saige.db --init              # create the DB with the bundled scenario bank
   python saige_worker.py --db ./saige.db --port 0 --quiet    # any free port; the URL is printed on stdout
   SAIGE_WORKER_TOKEN=secret python saige_worker.py --db ./saige.db   # require "Authorization: Bearer secret"
+  python saige_worker.py --allow-origin http://192.168.1.5:3000       # also answer that web page
 
-Exit codes: 0 stopped with Ctrl-C or SIGTERM; 1 cannot start (missing database without --init, bad scenario
-bank, port in use); 2 usage error.
+Exposure (Ollama's defaults): it listens on 127.0.0.1. Without a token it refuses (403) requests from web pages
+whose Origin is not local (http(s)://localhost, 127.0.0.1, [::1] or 0.0.0.0, any port; widen with --allow-origin
+or $SAIGE_ALLOW_ORIGINS) and, on a loopback address, requests whose Host is neither a loopback name nor this
+machine's name (DNS rebinding). With a token both checks are off: the token protects. Binding another address
+without a token prints a warning.
+Bodies over 1 MB are refused while being read (413); a client that stalls mid-request is dropped after
+--client-timeout seconds. A request with no request line at all is closed without an answer; any other request,
+however malformed, gets an HTTP status line and a JSON error.
+
+Exit codes: 0 stopped with SIGTERM; 1 cannot start (missing or unusable database, bad scenario bank, port in
+use, unknown host); 2 usage error; 130 stopped with Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import math
 import os
 import random
 import re
 import signal
+import socket
 import sqlite3
 import sys
 import threading
+import time
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, quote, urlparse
 
 # --- defaults --------------------------------------------------------------------------------------------
 DEFAULT_HOST = "127.0.0.1"  # loopback only unless asked: the worker has no auth by default
@@ -47,6 +60,10 @@ DEFAULT_DIFFICULTY = 2  # the real worker's default for /api/get-scenario
 DEFAULT_BANK = Path(__file__).resolve().parent / "data" / "scenarios.json"
 MAX_BODY_BYTES = 1_000_000  # larger bodies get 413
 BUSY_TIMEOUT_MS = 5_000  # how long a request waits on a locked database before answering 503
+STARTUP_LOCK_WAIT_S = 2.0  # at startup a locked database is reported, not waited on for long
+DEFAULT_CLIENT_TIMEOUT_S = 30.0  # a client silent this long mid-request (or idle on keep-alive) is dropped
+SQLITE_MAGIC = b"SQLite format 3\x00"
+LINGER_S, LINGER_BYTES = 1.0, 4 * MAX_BODY_BYTES  # how long, and how much, to discard before closing
 HELDOUT = "heldout"
 
 # The contract's Buddhist weighted score and alignment thresholds ("The Buddhist weighted score").
@@ -574,16 +591,20 @@ def connect(path: str) -> sqlite3.Connection:
 
 
 def init_database(path: str, bank_path: Path) -> int:
-    """Create the schema and, when there are no scenarios yet, load the bank. Returns scenarios added."""
-    bank = None if Path(path).exists() else load_bank(bank_path)  # a bad bank must not leave an empty new DB
-    conn = sqlite3.connect(path)
+    """Create the schema and, when there are no scenarios yet, load the bank. Returns scenarios added.
+
+    The bank is read and checked before the database is touched, so a bad bank changes nothing."""
+    bank = None if has_scenarios(path) else load_bank(bank_path)
+    try:
+        conn = sqlite3.connect(path, timeout=STARTUP_LOCK_WAIT_S)
+    except sqlite3.Error as e:
+        raise database_error(path, e) from None
     try:
         conn.execute("PRAGMA journal_mode = WAL")
         with conn:
             conn.executescript(SCHEMA)
-        if conn.execute("SELECT COUNT(*) FROM scenarios").fetchone()[0]:
+        if bank is None or conn.execute("SELECT COUNT(*) FROM scenarios").fetchone()[0]:
             return 0  # never overwrite a user's scenarios
-        bank = bank or load_bank(bank_path)
         with conn:
             for item in bank:
                 cur = conn.execute(
@@ -605,45 +626,122 @@ def init_database(path: str, bank_path: Path) -> int:
                     (cur.lastrowid, item.get("split", "train"), item.get("key")),
                 )
         return len(bank)
+    except sqlite3.Error as e:
+        raise database_error(path, e) from None
     finally:
         conn.close()
 
 
+def reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def load_bank(path: Path) -> list[dict]:
     """Read and check the scenario bank (a JSON array of scenario objects)."""
+    if path.is_dir():
+        raise CliError(f"scenario bank {path} is a folder (pass --bank FILE, a JSON array of scenarios)")
     if not path.is_file():
         raise CliError(f"scenario bank not found: {path} (pass --bank FILE)")
     try:
-        bank = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
+        bank = json.loads(path.read_text(encoding="utf-8"), parse_constant=reject_constant)
+    except (ValueError, RecursionError) as e:
         raise CliError(f"scenario bank {path} is not valid JSON: {e}") from None
     if not isinstance(bank, list) or not bank:
         raise CliError(f"scenario bank {path} must be a non-empty JSON array")
     for i, item in enumerate(bank):
-        missing = {"context", "person_state"} - set(item if isinstance(item, dict) else {})
-        if missing:
-            raise CliError(f"scenario bank {path}: item {i} lacks {', '.join(sorted(missing))}")
+        problem = bank_item_problem(item)
+        if problem:
+            raise CliError(f"scenario bank {path}: item {i} {problem}")
     return bank
+
+
+def bank_item_problem(item) -> str | None:
+    """What is wrong with one scenario of the bank, in words; None when it can be stored."""
+    missing = {"context", "person_state"} - set(item if isinstance(item, dict) else {})
+    if missing:
+        return f"lacks {', '.join(sorted(missing))}"
+    if not isinstance(item["context"], str) or not item["context"].strip():
+        return "has an empty or non-string context"
+    level = item.get("difficulty_level", 1)
+    if isinstance(level, bool) or not isinstance(level, int) or not -(2**63) <= level < 2**63:
+        return f"has difficulty_level {level!r}, not an integer"
+    if item.get("split", "train") not in ("train", HELDOUT):
+        return f"has split {item.get('split')!r} (train or heldout)"
+    return None
+
+
+def read_only(path: str) -> sqlite3.Connection:
+    """A read-only connection that never creates the file (the path is quoted: '?' or '#' are legal in names)."""
+    uri = f"file:{quote(Path(path).resolve().as_posix())}?mode=ro"
+    return sqlite3.connect(uri, uri=True, timeout=STARTUP_LOCK_WAIT_S)
+
+
+def database_error(path: str, e: sqlite3.Error) -> CliError:
+    """A startup SQLite error as a sentence that says which problem it is ("locked" is not "not a database")."""
+    text = str(e)
+    if "locked" in text or "busy" in text:
+        return CliError(f"database {path} is locked by another program (close it, or wait for it to finish)")
+    if "readonly" in text or "read-only" in text:
+        return CliError(f"database {path} is read-only; the worker must write experiences there ({text})")
+    if isinstance(e, sqlite3.DatabaseError) and "not a database" in text:
+        return CliError(f"{path} is not a SQLite database ({text})")
+    return CliError(f"cannot use database {path}: {text}")
+
+
+def check_db_path(path: str, init: bool) -> None:
+    """Refuse, before anything is opened, a --db that cannot be the worker's SQLite database."""
+    p = Path(path)
+    if p.is_dir():
+        raise CliError(f"--db {path} is a folder; pass a database file, e.g. --db {p / 'saige.db'}")
+    if not p.exists():
+        if not init:
+            raise CliError(f"database not found: {path} (run with --init to create it with the scenario bank)")
+        if not p.parent.is_dir():
+            raise CliError(f"cannot create {path}: folder {p.parent} does not exist (create it first)")
+        return
+    if not p.is_file():
+        raise CliError(f"--db {path} is not a regular file")
+    with open(p, "rb") as f:
+        head = f.read(len(SQLITE_MAGIC))
+    if head and head != SQLITE_MAGIC:  # an empty file is an empty SQLite database
+        looks = "it looks like JSON" if head.lstrip()[:1] in (b"[", b"{") else "no SQLite header"
+        raise CliError(f"{path} is not a SQLite database ({looks}); pass the .db file with --db")
+
+
+def has_scenarios(path: str) -> bool:
+    if not Path(path).exists():
+        return False
+    conn = read_only(path)
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        return "scenarios" in tables and conn.execute("SELECT COUNT(*) FROM scenarios").fetchone()[0] > 0
+    except sqlite3.Error as e:
+        raise database_error(path, e) from None
+    finally:
+        conn.close()
 
 
 def check_database(path: str) -> None:
     """Fail at startup, in a sentence, when the database cannot serve."""
     if not Path(path).is_file():
         raise CliError(f"database not found: {path} (run with --init to create it with the scenario bank)")
-    conn = sqlite3.connect(f"file:{Path(path).resolve().as_posix()}?mode=ro", uri=True)
+    conn = read_only(path)
     try:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.DatabaseError as e:
-        raise CliError(f"{path} is not a SQLite database ({e})") from None
+    except sqlite3.Error as e:
+        raise database_error(path, e) from None
     finally:
         conn.close()
     if not {"scenarios", "experiences"} <= tables:
         raise CliError(f"{path} has no SAIGE tables (run with --init to create them)")
     if "scenario_splits" not in tables:  # a user's own SAIGE database: add our side table, touch nothing else
-        conn = sqlite3.connect(path)
-        with conn:
-            conn.executescript(SCHEMA)
-        conn.close()
+        try:
+            conn = sqlite3.connect(path, timeout=STARTUP_LOCK_WAIT_S)
+            with conn:
+                conn.executescript(SCHEMA)
+            conn.close()
+        except sqlite3.Error as e:
+            raise database_error(path, e) from None
 
 
 def now_iso() -> str:
@@ -682,8 +780,8 @@ def parse_json_body(raw: bytes, strict: bool):
     """The JSON body. Malformed JSON is a 500 with the parser's message on the contract's endpoints (what the
     real worker answers), a 400 on our own (strict)."""
     try:
-        return json.loads(raw.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+        return json.loads(raw.decode("utf-8"), parse_constant=reject_constant)  # JSON.parse has no NaN either
+    except (ValueError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
         if strict:
             raise ApiError(400, f"Malformed JSON: {e}") from None
         raise ApiError(500, "Unexpected end of JSON input" if not raw else f"Malformed JSON: {e}", cors=True) from None
@@ -736,6 +834,8 @@ def simulate_outcome(conn, query: dict, body) -> tuple[int, dict]:
     scenario_id, response = outcome_request(body)
     outcome = score_response(load_scenario(conn, scenario_id), response)
     assessment = outcome["buddhist_assessment"]
+    if not all_finite(outcome):  # a NaN stored once poisons every average computed from the table
+        raise ApiError(500, "scoring produced a non-finite number; nothing stored", cors=True)
     with conn:  # one transaction: the row is stored whole or not at all
         conn.execute(
             "INSERT INTO experiences (scenario_id, ai_response, predicted_harm, actual_harm, harm_breakdown,"
@@ -745,9 +845,9 @@ def simulate_outcome(conn, query: dict, body) -> tuple[int, dict]:
                 scenario_id,
                 response,
                 outcome["total_harm"],
-                json.dumps(outcome["breakdown"]),
+                json.dumps(outcome["breakdown"], allow_nan=False),
                 outcome["lesson"],
-                json.dumps(assessment["principle_scores"]),
+                json.dumps(assessment["principle_scores"], allow_nan=False),
                 assessment["alignment_level"],
                 now_iso(),
             ),
@@ -773,13 +873,31 @@ def score_only(conn, query: dict, body) -> tuple[int, dict]:
     return 200, score_response(scenario, response)
 
 
+FINITE_HARM = (
+    "(CASE WHEN typeof(actual_harm) IN ('integer', 'real') AND abs(actual_harm) <= 1.7976931348623157e308"
+    " THEN actual_harm END)"
+)
+
+
+def all_finite(value) -> bool:
+    """No NaN or infinity anywhere in a JSON-like value."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(all_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(all_finite(v) for v in value)
+    return True
+
+
 def stats(conn, query: dict, body) -> tuple[int, dict]:
     since = "julianday(timestamp) >= julianday('now', '-1 day')"
+    harm = FINITE_HARM  # rows synced from elsewhere may hold text or Infinity; they count but do not average
     row = conn.execute(
-        f"SELECT COUNT(*), AVG(actual_harm), MIN(actual_harm), MAX(actual_harm) FROM experiences WHERE {since}"
+        f"SELECT COUNT(*), AVG({harm}), MIN({harm}), MAX({harm}) FROM experiences WHERE {since}"
     ).fetchone()
     trend = conn.execute(
-        f"SELECT strftime('%Y-%m-%d %H:00', timestamp) AS hour, AVG(actual_harm) FROM experiences WHERE {since}"
+        f"SELECT strftime('%Y-%m-%d %H:00', timestamp) AS hour, AVG({harm}) FROM experiences WHERE {since}"
         " GROUP BY hour ORDER BY hour"
     ).fetchall()
     return 200, {
@@ -818,22 +936,77 @@ CORS_HEADERS = {
     "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
     "Access-Control-Allow-Headers": "Content-Type, Authorization",
 }
+# Pages a browser serves from this machine (Ollama's default list, less its desktop-app schemes): any port.
+LOCAL_ORIGIN = re.compile(r"https?://(?:localhost|127(?:\.\d{1,3}){3}|\[::1\]|0\.0\.0\.0)(?::\d{1,5})?", re.I)
+LOOPBACK_HOST = re.compile(r"(?:localhost|[a-z0-9.-]*\.localhost|127(?:\.\d{1,3}){3}|\[::1\]|0\.0\.0\.0)\.?", re.I)
+HOST_PORT = re.compile(r"(\[[^\]]*\]|[^:]*)(?::\d{0,5})?")
+CHUNK_SIZE = re.compile(rb"[0-9a-fA-F]{1,8}")  # 8 hex digits exceed any body we accept
+MAX_LINE = 8192  # a chunk-size or trailer line; request and header lines keep http.server's 64 KiB
+MAX_TRAILERS = 32
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def origin_pattern(origin: str) -> re.Pattern:
+    """An --allow-origin value as a pattern: `*` matches anything (so `*` allows every origin)."""
+    return re.compile(".*".join(re.escape(part) for part in origin.rstrip("/").split("*")), re.I)
+
+
+def host_name(host: str) -> str:
+    """The name part of a Host header value ("[::1]:8787" -> "[::1]", "localhost" -> "localhost")."""
+    m = HOST_PORT.fullmatch(host.strip())
+    return m.group(1) if m else host
 
 
 class Handler(BaseHTTPRequestHandler):
-    """Routes requests to the handler functions; each thread keeps its own SQLite connection."""
+    """Routes requests to the handler functions; each thread keeps its own SQLite connection.
+
+    Before a route runs, `gate` refuses what a web page must not do to a worker on a laptop (Ollama's rules):
+    a cross-site Origin, and on a loopback bind a Host that is not a loopback name (DNS rebinding). A token
+    replaces both checks. Refusals close the connection without reading the body."""
 
     protocol_version = "HTTP/1.1"  # keep-alive: collectors reuse one connection for many episodes
+    # An unparseable request line still gets an answer with a status line (http.server's default, HTTP/0.9,
+    # would answer with a bare body).
+    default_request_version = "HTTP/1.0"
     # Headers and body go out in two writes; with Nagle on, the second waits ~40 ms for the client's delayed ACK.
     disable_nagle_algorithm = True
     server_version = "saige-worker"
+    timeout = DEFAULT_CLIENT_TIMEOUT_S  # per socket read/write: a stalled client is dropped after this
     db_path = ""
     token = None
     quiet = False
+    check_host = True  # only on a loopback bind without a token
+    allowed_origins: tuple = ()
+    own_hostname = socket.gethostname().lower()
     local = threading.local()
 
+    # --- request line ---------------------------------------------------------------------------------
+    def parse_request(self) -> bool:
+        if len(self.raw_requestline.split()) == 2:  # "GET /": HTTP/0.9 has no headers to wait for
+            self.command, self.close_connection = None, True
+            self.request_version = self.default_request_version
+            self.requestline = clean(self.raw_requestline.decode("latin-1").rstrip("\r\n"))
+            self.send_error(400, "HTTP/0.9 requests are not supported; send HTTP/1.0 or HTTP/1.1")
+            return False
+        return super().parse_request()
+
+    def handle_expect_100(self) -> bool:
+        refusal = self.gate()  # refuse before the client sends a body it was told to send
+        if refusal:
+            self.refuse(refusal)
+            return False
+        return super().handle_expect_100()
+
     def do_OPTIONS(self):
-        self.read_body()
+        refusal = self.gate()
+        if refusal:
+            self.refuse(refusal)
+            return
+        try:
+            self.read_body()
+        except ApiError as e:
+            self.send_json(e.status, {"error": e.message}, cors=False)
+            return
         self.send(200, b"", {**CORS_HEADERS})
 
     def do_GET(self):
@@ -851,7 +1024,46 @@ class Handler(BaseHTTPRequestHandler):
     def do_DELETE(self):
         self.dispatch("DELETE")
 
+    # --- who may ask ------------------------------------------------------------------------------------
+    def gate(self) -> ApiError | None:
+        """A 403 for a request from a place that may not use this worker, or None."""
+        if self.token:
+            return None  # the token protects; any origin and host name may present it
+        if self.check_host:
+            hosts = self.headers.get_all("Host") or []
+            bad = next((h for h in hosts if h.strip() and not self.loopback_name(host_name(h))), None)
+            if bad is not None or len(hosts) > 1:
+                return ApiError(
+                    403,
+                    f"Host {clean(bad or ', '.join(hosts))!r} refused: this worker listens on loopback and answers "
+                    "only requests addressed to localhost, 127.0.0.1 or this machine's name (a DNS-rebinding "
+                    "guard); use http://127.0.0.1:PORT, or start the worker with --token to accept other host names",
+                )
+        for origin in self.headers.get_all("Origin") or []:
+            origin = origin.strip()
+            if not (LOCAL_ORIGIN.fullmatch(origin) or any(p.fullmatch(origin) for p in self.allowed_origins)):
+                return ApiError(
+                    403,
+                    f"Origin {clean(origin)!r} refused: without a token this worker answers only pages served from "
+                    f"localhost; start it with --allow-origin {clean(origin) or 'ORIGIN'} (or SAIGE_ALLOW_ORIGINS) "
+                    "to allow that site, or set --token",
+                )
+        return None
+
+    def loopback_name(self, name: str) -> bool:
+        # this machine's own name too, as Ollama allows: a rebinding page cannot choose it
+        return bool(LOOPBACK_HOST.fullmatch(name)) or name.lower().rstrip(".") == self.own_hostname
+
+    def refuse(self, error: ApiError) -> None:
+        self.close_connection = True  # the body, if any, is never read
+        self.send_json(error.status, {"error": error.message}, cors=False)
+
+    # --- routing ----------------------------------------------------------------------------------------
     def dispatch(self, method: str) -> None:
+        refusal = self.gate()
+        if refusal:
+            self.refuse(refusal)
+            return
         url = urlparse(self.path)
         allowed, handler, takes_json = ROUTES.get(url.path, ("", None, False))
         try:
@@ -866,6 +1078,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(status, payload, cors=True)
         except ApiError as e:
             self.send_json(e.status, {"error": e.message}, cors=e.cors)
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True  # the client went away or stalled mid-body: nobody to answer
         except sqlite3.OperationalError as e:
             if "locked" in str(e) or "busy" in str(e):
                 self.send_json(503, {"error": "Database busy, retry later"}, cors=True)
@@ -875,30 +1089,68 @@ class Handler(BaseHTTPRequestHandler):
             self.log_error("internal error: %r", e)
             self.send_json(500, {"error": str(e) or type(e).__name__}, cors=True)
 
+    # --- the body: never buffered past MAX_BODY_BYTES ---------------------------------------------------
     def read_body(self) -> bytes:
         """The raw request body (Content-Length or chunked), read whole so the connection stays in step."""
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+        encodings = self.headers.get_all("Transfer-Encoding")
+        if encodings:
+            self.close_connection = True  # with a Content-Length too, the two framings could disagree
+            if [e.strip().lower() for e in encodings] != ["chunked"]:
+                raise ApiError(501, f"Transfer-Encoding {clean(', '.join(encodings))!r} is not supported (chunked is)")
             return self.read_chunked()
-        length = parse_int(self.headers.get("Content-Length")) or 0
+        length = self.content_length()
         if length > MAX_BODY_BYTES:
             self.close_connection = True  # don't read a huge body just to discard it
             raise ApiError(413, f"Request body over {MAX_BODY_BYTES} bytes")
-        return self.rfile.read(length) if length > 0 else b""
+        body = self.rfile.read(length) if length > 0 else b""
+        if len(body) < length:
+            self.close_connection = True
+            raise ApiError(400, f"Request body ended after {len(body)} of {length} bytes")
+        return body
+
+    def content_length(self) -> int:
+        values = {v.strip() for v in self.headers.get_all("Content-Length") or []}
+        if not values:
+            return 0
+        value = values.pop()
+        if values or not value.isdigit() or not value.isascii():
+            self.close_connection = True  # the end of this body, and so the next request, is unknown
+            raise ApiError(400, "Content-Length must be one non-negative integer")
+        return int(value) if len(value) <= 12 else MAX_BODY_BYTES + 1  # no 4300-digit int() parsing
 
     def read_chunked(self) -> bytes:
-        body = b""
+        body = bytearray()
         while True:
-            size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            size = self.chunk_size()
             if size == 0:
-                while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
-                    pass
-                return body
-            body += self.rfile.read(size)
-            self.rfile.readline()
-            if len(body) > MAX_BODY_BYTES:
-                self.close_connection = True
+                self.skip_trailers()
+                return bytes(body)
+            if len(body) + size > MAX_BODY_BYTES:
                 raise ApiError(413, f"Request body over {MAX_BODY_BYTES} bytes")
+            chunk = self.rfile.read(size)
+            if len(chunk) < size:
+                raise ApiError(400, "Chunked body ended inside a chunk")
+            body += chunk
+            if self.rfile.readline(MAX_LINE) not in (b"\r\n", b"\n"):
+                raise ApiError(400, "Malformed chunked body: a chunk must end with CRLF")
 
+    def chunk_size(self) -> int:
+        line = self.rfile.readline(MAX_LINE + 1)
+        size = line.split(b";", 1)[0].strip()
+        if not line.endswith(b"\n") or not CHUNK_SIZE.fullmatch(size):
+            raise ApiError(400, f"Malformed chunk size {clean(line[:40].decode('latin-1'))!r}")
+        return int(size, 16)
+
+    def skip_trailers(self) -> None:
+        for _ in range(MAX_TRAILERS):
+            line = self.rfile.readline(MAX_LINE + 1)
+            if line in (b"\r\n", b"\n"):
+                return
+            if not line.endswith(b"\n"):
+                raise ApiError(400, "Chunked body ended inside its trailers")
+        raise ApiError(400, f"Chunked body has over {MAX_TRAILERS} trailer lines")
+
+    # --- answers ----------------------------------------------------------------------------------------
     def connection_for_thread(self) -> sqlite3.Connection:
         conn = getattr(self.local, "conn", None)
         if conn is None:
@@ -906,25 +1158,117 @@ class Handler(BaseHTTPRequestHandler):
         return conn
 
     def send_json(self, status: int, payload, cors: bool) -> None:
+        try:
+            body = json.dumps(payload, allow_nan=False).encode("utf-8")  # NaN is not JSON; clients would choke
+        except ValueError:
+            status, body = 500, b'{"error": "the answer held a non-finite number"}'
         headers = {"Content-Type": "application/json", **(CORS_HEADERS if cors else {})}
-        self.send(status, json.dumps(payload).encode("utf-8"), headers)
+        self.send(status, body, headers)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (bad request line, headers too long...) as the contract's JSON errors."""
+        self.log_error("code %d, message %s", code, message)
+        self.close_connection = True
+        body = json.dumps({"error": message or self.responses.get(code, ("Error",))[0]}).encode("utf-8")
+        self.send_response(code)
+        self.send_header("Connection", "close")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def send(self, status: int, body: bytes, headers: dict) -> None:
         self.send_response(status)
         for key, value in headers.items():
             self.send_header(key, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
     def log_message(self, format: str, *args) -> None:
-        if not self.quiet:
-            sys.stderr.write(f"{self.address_string()} - {format % args}\n")
+        if not self.quiet:  # a request line can carry terminal escape sequences
+            sys.stderr.write(f"{self.address_string()} - {clean(format % args)}\n")
+
+
+def clean(text: str) -> str:
+    """Text from a request, safe for a log line or an error message (control characters escaped)."""
+    return CONTROL_CHARS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)[:200]
+
+
+class Server(ThreadingHTTPServer):
+    """The HTTP server: a thread per connection that never keeps the process alive, and no traceback when a
+    client misbehaves (a reset or a stall is that client's problem, logged in one line)."""
+
+    daemon_threads = True
+    quiet = False
+
+    def shutdown_request(self, request) -> None:
+        """Lingering close: a refused client may still be sending its body; closing with unread bytes makes the
+        kernel send a reset that can destroy our 413/403 before the client reads it. Discard (never keep) what
+        arrives for a bounded time, then close."""
+        deadline = time.monotonic() + LINGER_S
+        try:
+            request.shutdown(socket.SHUT_WR)  # the client sees the end of our answer at once
+            request.settimeout(LINGER_S)
+            drained = 0
+            while drained < LINGER_BYTES and time.monotonic() < deadline:
+                chunk = request.recv(65536)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        except OSError:
+            pass
+        self.close_request(request)
+
+    def handle_error(self, request, client_address) -> None:
+        error = sys.exc_info()[1]
+        if os.environ.get("SAIGE_DEBUG"):
+            super().handle_error(request, client_address)
+        elif not self.quiet and not isinstance(error, (ConnectionError, TimeoutError)):
+            sys.stderr.write(f"saige_worker.py: request from {client_address[0]} failed: {error!r}\n")
 
 
 # =========================================================================================================
 # Command line
 # =========================================================================================================
+class Terminated(BaseException):
+    """SIGTERM: stop like Ctrl-C, but it is a normal way to stop a server (exit 0). A BaseException, like
+    KeyboardInterrupt, so that socketserver's `except Exception` around a request cannot swallow it."""
+
+
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535; 0 picks a free one)") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535; 0 picks a free one)")
+    return port
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds between 0 and 3600")
+    return value
+
+
+def origin(text: str) -> str:
+    """An allowed origin: `*`, `null`, or scheme://host[:port] (a `*` may stand for any part)."""
+    value = text.strip().rstrip("/")
+    if value in ("*", "null") or re.fullmatch(r"[a-z*][a-z0-9+.*-]*://[^/\s]+", value, re.I):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not an origin (scheme://host[:port] without a path, e.g. http://localhost:3000, or *)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="saige_worker.py",
@@ -934,7 +1278,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--db", default="./saige.db", help="SQLite database with the SAIGE schema (default: %(default)s)")
     p.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: %(default)s)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port; 0 picks a free one (default: %(default)s)")
+    p.add_argument(
+        "--port", type=port_number, default=DEFAULT_PORT, help="port; 0 picks a free one (default: %(default)s)"
+    )
     p.add_argument(
         "--init",
         action="store_true",
@@ -946,46 +1292,120 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--token",
-        default=os.environ.get("SAIGE_WORKER_TOKEN"),
-        help="require 'Authorization: Bearer TOKEN' on every request (default: $SAIGE_WORKER_TOKEN)",
+        help="require 'Authorization: Bearer TOKEN' on every request; then any origin and host name may call "
+        "(default: $SAIGE_WORKER_TOKEN)",
+    )
+    p.add_argument(
+        "--allow-origin",
+        action="append",
+        type=origin,
+        default=[],
+        metavar="ORIGIN",
+        help="without a token, also answer web pages from ORIGIN (repeatable; * allows any; also "
+        "$SAIGE_ALLOW_ORIGINS, comma-separated). Pages from localhost are always allowed",
+    )
+    p.add_argument(
+        "--client-timeout",
+        type=seconds,
+        default=DEFAULT_CLIENT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="drop a client that stalls this long mid-request or idles on keep-alive (default: %(default)s)",
     )
     p.add_argument("--seed", type=int, help="seed the scenario picker, for reproducible runs")
     p.add_argument("-q", "--quiet", action="store_true", help="do not log each request")
     return p
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Arguments, with the token and allowed origins taken from the environment where flags leave them unset."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.token == "":
+        parser.error("--token must not be empty (leave it out to run without a token)")
+    args.token = args.token or os.environ.get("SAIGE_WORKER_TOKEN") or None
+    if args.token and (CONTROL_CHARS.search(args.token) or not args.token.isascii()):
+        parser.error("the token must be printable ASCII (it travels in an HTTP header)")
+    if not args.db:
+        parser.error("--db must not be empty")
+    for item in filter(None, (s.strip() for s in os.environ.get("SAIGE_ALLOW_ORIGINS", "").split(","))):
+        try:
+            args.allow_origin.append(origin(item))
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"SAIGE_ALLOW_ORIGINS: {e}")
+    return args
+
+
+def bind(args: argparse.Namespace) -> Server:
+    """Listen before the database is touched: a busy port must not leave a new database behind."""
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    server_class = type("Server", (Server,), {"address_family": family, "quiet": args.quiet})
+    try:
+        return server_class((args.host, args.port), Handler)
+    except (OSError, OverflowError, UnicodeError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise CliError(f"cannot listen on {args.host}:{args.port}: {reason}") from None
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def on_sigterm(*_) -> None:
+    raise Terminated
+
+
 def serve(args: argparse.Namespace) -> int:
-    if args.init:
-        added = init_database(args.db, args.bank)
-        if added:
-            print(f"saige_worker.py: created {args.db} with {added} scenarios from {args.bank}", file=sys.stderr)
-    check_database(args.db)
-    if args.seed is not None:
-        random.seed(args.seed)
-    handler = type("BoundHandler", (Handler,), {"db_path": args.db, "token": args.token, "quiet": args.quiet})
+    check_db_path(args.db, args.init)
+    server = bind(args)
     try:
-        server = ThreadingHTTPServer((args.host, args.port), handler)
-    except OSError as e:
-        raise CliError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
-    server.daemon_threads = True
-    host, port = server.server_address[:2]
-    # SIGTERM behaves like Ctrl-C: finish the request in flight, close, exit 0.
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
-    print(f"SAIGE worker listening on http://{host}:{port}", flush=True)
-    try:
+        if args.init:
+            added = init_database(args.db, args.bank)
+            if added:
+                print(f"saige_worker.py: created {args.db} with {added} scenarios from {args.bank}", file=sys.stderr)
+        check_database(args.db)
+        if args.seed is not None:
+            random.seed(args.seed)
+        host, port = server.server_address[:2]
+        loopback = is_loopback(host)
+        server.RequestHandlerClass = type(
+            "BoundHandler",
+            (Handler,),
+            {
+                "db_path": args.db,
+                "token": args.token,
+                "quiet": args.quiet,
+                "timeout": args.client_timeout,
+                "check_host": loopback and not args.token,
+                "allowed_origins": tuple(origin_pattern(o) for o in args.allow_origin),
+            },
+        )
+        if not loopback and not args.token:
+            print(
+                f"saige_worker.py: warning: listening on {host} without a token: anyone who can reach this machine "
+                "can read the scenarios and store experiences; set --token (or SAIGE_WORKER_TOKEN) or bind 127.0.0.1",
+                file=sys.stderr,
+            )
+        print(f"SAIGE worker listening on http://{f'[{host}]' if ':' in host else host}:{port}", flush=True)
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
         server.server_close()
-    print("saige_worker.py: stopped", file=sys.stderr)
-    return 0
+    return 0  # not reached: serve_forever ends with Ctrl-C or SIGTERM
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return serve(args)
+    except Terminated:
+        print("saige_worker.py: stopped", file=sys.stderr)
+        return 0
+    except KeyboardInterrupt:
+        print("saige_worker.py: stopped (Ctrl-C)", file=sys.stderr)
+        return 130
     except (CliError, OSError, sqlite3.Error) as e:
         if os.environ.get("SAIGE_DEBUG"):
             raise
