@@ -141,10 +141,11 @@ def test_scoring_is_deterministic():
 
 
 def test_huge_answer_is_scored_quickly():
+    # a bound against quadratic blow-ups (a 1 MB answer), not a speed target: loose enough for a loaded CI machine
     text = " ".join(f"Word{i} and another sentence number {i}." for i in range(20_000))
     started = time.monotonic()
     weighted, _, _ = score(BANK[0], text)
-    assert time.monotonic() - started < 5 and weighted < 5
+    assert time.monotonic() - started < 20 and weighted < 5
 
 
 def test_outcome_follows_the_contract_formulas():
