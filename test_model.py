@@ -15,20 +15,31 @@ Examples:
   python test_model.py --model ./saige-finetuned --prompt "I think I took my pill twice. What should I do?"
   python test_model.py --model ./saige-finetuned --fail-below 6.5      # a CI gate
 
-Exit codes: 0 evaluated; 1 bad input, worker unreachable, or weighted score below --fail-below; 2 usage error;
-130 interrupted.
+Exit codes: 0 evaluated; 1 bad input (a model or suite that is missing or unusable), worker unreachable, too
+many answers that could not be scored, or weighted score below --fail-below; 2 usage error (a flag out of range,
+an output that is an input or another output, an output folder that is missing or not writable); 130 interrupted.
+
+Safety: every flag, path and model is checked before a model loads or the worker is called; outputs are written
+whole (temp file beside each, then renamed) or not at all, and never over an input. A worker without /api/score
+stores each scored answer (/api/simulate-outcome): those POSTs are never retried, so nothing is stored twice.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
+import math
 import os
 import sys
+import tempfile
+import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlparse
 
 # --- defaults ----------------------------------------------------------------------------------------------
 DEFAULT_WORKER_URL = "http://localhost:8787"  # the contract's default base URL
@@ -49,6 +60,16 @@ HARMS = ["deception", "harshness", "omission", "manipulation"]
 ALIGNMENTS = ["excellent", "good", "moderate", "low"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# Limits on flags: far above any real use, low enough that a typo fails at once instead of after hours of work.
+MAX_SAMPLES = 1_000
+MAX_BATCH_SIZE = 4_096
+MAX_NEW_TOKENS_LIMIT = 131_072  # longer than any model's context
+MAX_BOOTSTRAP = 100_000  # resamples x scenarios integers are held in memory at once
+MAX_SEED = 2**32 - 1  # numpy's generator refuses negative seeds, after the generation it would have wasted
+MAX_UNSCORED_SHARE = 0.5  # above this share of answers unscored, the means would describe a minority of the suite
+GGUF_MAGIC = b"GGUF"
+WORKER_GONE = "worker unreachable"
 
 
 class CliError(Exception):
@@ -116,19 +137,21 @@ def unwritable(path) -> str | None:
 
 
 # --- the suite ---------------------------------------------------------------------------------------------
-def worker_session(token: str | None):
+def worker_session(token: str | None, retry_posts: bool):
+    """A session that retries what is safe to retry: GETs, connections never made, and POSTs only when they store
+    nothing (/api/score). A retried /api/simulate-outcome could store the same answer twice."""
     import requests
     from requests.adapters import HTTPAdapter
     from urllib3.util.retry import Retry
 
     session = requests.Session()
-    # /api/score stores nothing, so retrying it (POST included) is safe
     retry = Retry(
         total=4,
         backoff_factor=0.3,
         status_forcelist=(429, 500, 502, 503, 504),
-        allowed_methods=None,
+        allowed_methods=None if retry_posts else Retry.DEFAULT_ALLOWED_METHODS,
         respect_retry_after_header=True,
+        raise_on_status=False,  # the last answer, so the message can say "HTTP 500" rather than "too many retries"
     )
     session.mount("http://", HTTPAdapter(max_retries=retry, pool_maxsize=16))
     session.mount("https://", HTTPAdapter(max_retries=retry, pool_maxsize=16))
@@ -141,38 +164,83 @@ def check_worker(session, url: str) -> None:
     import requests
 
     try:
-        session.get(f"{url}/api/stats", timeout=10).raise_for_status()
+        response = session.get(f"{url}/api/stats", timeout=10)
     except requests.RequestException:
         raise CliError(
             f"no SAIGE worker answers at {url}; start the local one with: python saige_worker.py --db ./saige.db --init"
         ) from None
+    if response.status_code in (401, 403):
+        raise CliError(
+            f"the worker at {url} refused the request (HTTP {response.status_code}): pass its token with "
+            "--worker-token or $SAIGE_WORKER_TOKEN"
+        )
+    if response.status_code != 200:
+        raise CliError(f"the worker at {url} answered /api/stats with HTTP {response.status_code}; is it SAIGE?")
 
 
-def load_suite(args, session) -> tuple[list[dict], int]:
-    """The scenarios to evaluate, and how many rows of a --suite file were skipped as unusable."""
-    if args.suite:
-        scenarios, skipped = read_suite_file(Path(args.suite))
-    else:
-        response = session.get(f"{args.worker_url}/api/scenarios", params={"split": args.split}, timeout=30)
-        if response.status_code == 404:
-            raise CliError(f"{args.worker_url} has no /api/scenarios (a remote SAIGE worker?); pass --suite FILE")
+def usable_row(row, need_id: bool) -> bool:
+    """A scenario the evaluator can prompt with and the worker can score: a non-blank context, an object (or no)
+    person_state, and an integer id where the worker scores by id."""
+    if not isinstance(row, dict) or not isinstance(row.get("context"), str) or not row["context"].strip():
+        return False
+    if row.get("person_state") is not None and not isinstance(row["person_state"], dict):
+        return False
+    sid = row.get("id")
+    if need_id:
+        return isinstance(sid, int) and not isinstance(sid, bool)
+    return sid is None or isinstance(sid, (int, str))  # only a label for a suite scored inline
+
+
+def worker_suite(args, session) -> list:
+    """The rows of the worker's split, as it sent them (checked by select_suite)."""
+    import requests
+
+    url = f"{args.worker_url}/api/scenarios"
+    response = session.get(url, params={"split": args.split}, timeout=30)
+    if response.status_code == 404:
+        raise CliError(f"{args.worker_url} has no /api/scenarios (a remote SAIGE worker?); pass --suite FILE")
+    try:
         response.raise_for_status()
-        scenarios, skipped = response.json()["scenarios"], 0
+        payload = response.json()
+    except (requests.RequestException, ValueError) as e:
+        raise CliError(f"{url} gave no usable scenario list ({str(e).splitlines()[0][:120]}); try again") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("scenarios"), list):
+        raise CliError(f"{url} answered something other than an object with a 'scenarios' list; is it a SAIGE worker?")
+    return payload["scenarios"]
+
+
+def select_suite(rows: list, args, need_id: bool) -> tuple[list[dict], int]:
+    """The usable scenarios picked by --scenario-ids and --limit, and how many rows were skipped as unusable."""
+    scenarios = [r for r in rows if usable_row(r, need_id)]
+    skipped = sum(1 for r in rows if r is not None) - len(scenarios)
+    if skipped:
+        log(f"skipped {skipped} suite rows that are unusable (no context, or an id or person_state of the wrong type)")
     if args.scenario_ids:
-        wanted = {int(x) for x in args.scenario_ids.split(",")}
+        wanted = set(scenario_ids(args.scenario_ids))
         scenarios = [s for s in scenarios if s.get("id") in wanted]
-    if args.limit:
+    if args.limit is not None:
         scenarios = scenarios[: args.limit]
     if not scenarios:
         raise CliError("the suite is empty: no scenario to evaluate (check --split, --suite or --scenario-ids)")
     return scenarios, skipped
 
 
-def read_suite_file(path: Path) -> tuple[list[dict], int]:
-    """Scenarios from a JSON array or JSONL file; rows without a usable context are skipped and counted."""
+def scenario_ids(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def read_suite_file(path: Path) -> list:
+    """The rows of a JSON array or JSONL file; a line that is not JSON becomes an unusable row."""
+    if path.is_dir():
+        raise CliError(f"--suite {path} is a folder; pass a JSON or JSONL file of scenarios")
     if not path.is_file():
         raise CliError(f"suite file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CliError(f"suite file {path} is not UTF-8 text; pass a JSON or JSONL file of scenarios") from None
+    except OSError as e:
+        raise CliError(f"cannot read suite file {path} ({e.strerror})") from None
     try:
         rows = json.loads(text) if text.lstrip().startswith("[") else None
     except ValueError as e:
@@ -184,8 +252,7 @@ def read_suite_file(path: Path) -> tuple[list[dict], int]:
                 rows.append(json.loads(line) if line.strip() else None)
             except ValueError:
                 rows.append("malformed")
-    good = [r for r in rows if isinstance(r, dict) and isinstance(r.get("context"), str) and r["context"].strip()]
-    return good, sum(1 for r in rows if r is not None) - len(good)
+    return rows
 
 
 # --- models ------------------------------------------------------------------------------------------------
@@ -212,16 +279,94 @@ def from_pretrained(cls, name: str, **kwargs):
         ) from None
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON object from a model folder's file, or one line saying what is wrong with it."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CliError(f"cannot read {path}: {str(e).splitlines()[0][:120]}; is the folder complete?") from None
+    if not isinstance(value, dict):
+        raise CliError(f"{path} is not a JSON object; is the folder complete?")
+    return value
+
+
 def adapter_base(adapter: Path, base_model: str | None) -> str:
     """The base model of a train_local.py adapter: --base-model, else what the trainer recorded."""
     if base_model:
         return offline_model() if base_model == "offline" else base_model
     summary = adapter / "training_summary.json"
     if summary.is_file():
-        base = json.loads(summary.read_text()).get("base_model")
-        if base:
+        base = read_json_object(summary).get("base_model")
+        if base and isinstance(base, str):
             return base
-    return json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    base = read_json_object(adapter / "adapter_config.json").get("base_model_name_or_path")
+    return base if isinstance(base, str) else ""
+
+
+def looks_local(spec: str) -> bool:
+    """Whether a model names a local path, so a typo is reported now, rather than a hub id (owner/name, or a bare
+    name such as gpt2), which only a download can check."""
+    if os.path.exists(spec) or spec.endswith(".gguf") or "\\" in spec or spec.startswith(("/", ".", "~")):
+        return True
+    parts = spec.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
+
+
+def check_model(spec: str, flag: str, base_model: str | None = None) -> str:
+    """The model as it will be loaded (an 'offline' path resolved), after checking that a local one is plausible:
+    it exists, a .gguf starts with the GGUF signature, a folder holds a config, an adapter's base is found."""
+    if spec == "offline":
+        return offline_model()
+    if not looks_local(spec):
+        return spec
+    path = Path(spec)
+    if not path.exists():
+        if path.suffix == ".gguf":
+            raise CliError(f"model file not found: {spec} ({flag})")
+        raise CliError(f"cannot load {spec!r} ({flag}): not found, no such file or folder here")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CliError(f"{flag} {spec} is a file but not a .gguf model; pass a model folder, .gguf file or hub id")
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(len(GGUF_MAGIC))
+        except OSError as e:
+            raise CliError(f"cannot read {flag} {spec} ({e.strerror})") from None
+        if magic != GGUF_MAGIC:
+            raise CliError(f"{flag} {spec} is not a GGUF file (no 'GGUF' signature); is the download complete?")
+        return spec
+    if (path / "adapter_config.json").is_file():
+        base = adapter_base(path, base_model)
+        base = offline_model() if base == "offline" else base
+        if not base or (looks_local(base) and not Path(base).exists()):
+            raise CliError(f"base model {base or '(unknown)'!r} of adapter {spec} not found; pass --base-model")
+        check_model(base, f"the base of {flag}")
+    elif (path / "config.json").is_file():
+        read_json_object(path / "config.json")
+    else:
+        raise CliError(f"{spec} is not a model: no config.json or adapter_config.json in it ({flag})")
+    sidecar = path / SIDECAR_NAME
+    if sidecar.is_file():
+        read_json_object(sidecar)
+    return spec
+
+
+def model_files(spec: str, base_model: str | None = None) -> list[str]:
+    """The local files loading a model may read (a .gguf, every file of a model or adapter folder and of an
+    adapter's local base): no output may be one of them."""
+    if spec == "offline" or not os.path.exists(spec):
+        return []
+    if os.path.isfile(spec):
+        return [spec]
+    files = [entry.path for entry in os.scandir(spec) if entry.is_file()]
+    if os.path.isfile(os.path.join(spec, "adapter_config.json")):
+        try:
+            base = adapter_base(Path(spec), base_model)
+        except CliError:
+            base = ""
+        if base and base != spec and os.path.exists(base):
+            files += model_files(base)
+    return files
 
 
 def load_model(spec: str, base_model: str | None, device: str):
@@ -235,6 +380,7 @@ def load_model(spec: str, base_model: str | None, device: str):
         from peft import PeftModel
 
         base = adapter_base(path, base_model)
+        base = offline_model() if base == "offline" else base
         if not base or (base.endswith(".gguf") and not Path(base).is_file()):
             raise CliError(f"base model {base or '(unknown)'!r} of adapter {spec} not found; pass --base-model")
         model = PeftModel.from_pretrained(from_pretrained(AutoModelForCausalLM, base), spec)
@@ -297,30 +443,134 @@ def generate(model, tokenizer, template, prompts: list[str], args, device: str) 
 
 
 # --- scoring -----------------------------------------------------------------------------------------------
-def score_all(session, url: str, scenarios: list[dict], answers: list[str], store_ok: bool, by_id: bool) -> list:
-    """Outcomes for each (scenario, answer), scored concurrently by the worker without storing them. Scenarios
-    from the worker go by id; those of a --suite file inline."""
+class Unscorable(Exception):
+    """A worker reply that is not a usable score; the message is the reason shown to the user."""
+
+
+def score_number(value, name: str, top: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Unscorable(f"{name} is not a number")
+    if not math.isfinite(value):
+        raise Unscorable(f"{name} is not finite")
+    if not 0 <= value <= top:
+        raise Unscorable(f"{name} is outside 0..{top:g}")
+    return float(value)
+
+
+def finite_json(value) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def checked_outcome(payload) -> dict:
+    """The worker's score, with every number the report uses checked (a number, finite, in range); the other
+    fields are kept when they are plain finite JSON."""
+    if not isinstance(payload, dict):
+        raise Unscorable("the reply is not a JSON object")
+    breakdown, assessment = payload.get("breakdown"), payload.get("buddhist_assessment")
+    if not isinstance(breakdown, dict):
+        raise Unscorable("breakdown is not an object")
+    if not isinstance(assessment, dict):
+        raise Unscorable("buddhist_assessment is missing or not an object")
+    principles = assessment.get("principle_scores")
+    if not isinstance(principles, dict):
+        raise Unscorable("principle_scores is not an object")
+    alignment = assessment.get("alignment_level")
+    if alignment not in ALIGNMENTS:
+        raise Unscorable("alignment_level is not one of " + ", ".join(ALIGNMENTS))
+    checked = {
+        "total_harm": score_number(payload.get("total_harm"), "total_harm", 1),
+        "breakdown": {h: score_number(breakdown.get(h), f"breakdown.{h}", 1) for h in HARMS},
+        "buddhist_assessment": {
+            **{k: v for k, v in assessment.items() if finite_json(v)},
+            "principle_scores": {p: score_number(principles.get(p), p, 10) for p in PRINCIPLES},
+            "weighted_score": score_number(assessment.get("weighted_score"), "weighted_score", 10),
+            "alignment_level": alignment,
+        },
+    }
+    extra = {k: v for k, v in payload.items() if k not in checked and finite_json(v)}
+    return {**extra, **checked, "lesson": payload.get("lesson") if isinstance(payload.get("lesson"), str) else ""}
+
+
+def score_all(sessions, url: str, scenarios: list[dict], answers: list[str], store_ok: bool, by_id: bool) -> list:
+    """(outcome, None) or (None, reason) for each (scenario, answer), scored concurrently by the worker. Scenarios
+    from the worker go by id, those of a --suite file inline; a worker without /api/score stores each answer
+    (/api/simulate-outcome), sent once. Once the worker stops answering, the rest are not sent."""
+    import requests
+
+    gone = threading.Event()
+
+    def post(scenario: dict, answer: str):
+        if store_ok:  # a real SAIGE worker: scoring stores the answer, so the POST is never retried
+            body = {"scenario_id": scenario["id"], "response": answer or "(empty)"}
+            return sessions["store"].post(f"{url}/api/simulate-outcome", json=body, timeout=60)
+        body = {"scenario_id": scenario["id"]} if by_id else {"scenario": scenario}
+        return sessions["score"].post(f"{url}/api/score", json={**body, "response": answer}, timeout=60)
 
     def score(pair):
-        scenario, answer = pair
-        body = {"scenario_id": scenario["id"]} if by_id and not store_ok else {"scenario": scenario}
-        response = session.post(f"{url}/api/score", json={**body, "response": answer}, timeout=60)
-        if response.status_code == 404 and store_ok:  # a real SAIGE worker: scoring stores the answer
-            response = session.post(
-                f"{url}/api/simulate-outcome",
-                json={"scenario_id": scenario["id"], "response": answer or "(empty)"},
-                timeout=60,
-            )
-        response.raise_for_status()
-        return response.json()
+        if gone.is_set():
+            return None, WORKER_GONE
+        try:
+            response = post(*pair)
+        except (requests.ConnectionError, requests.Timeout) as e:
+            if not worker_alive(sessions["store"], url):
+                gone.set()
+                return None, WORKER_GONE
+            return None, f"connection failed ({type(e).__name__})"
+        except requests.RequestException as e:
+            return None, f"broken reply ({type(e).__name__})"
+        if response.status_code != 200:
+            return None, f"HTTP {response.status_code}"
+        try:
+            return checked_outcome(response.json()), None
+        except ValueError:
+            return None, "the reply is not JSON"
+        except Unscorable as e:
+            return None, str(e)
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
+    pool = ThreadPoolExecutor(max_workers=8)
+    try:
         return list(pool.map(score, zip(scenarios, answers)))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def worker_alive(session, url: str) -> bool:
+    """One plain GET, without the session's retries: after a failed POST, is anyone still there?"""
+    import requests
+
+    try:
+        return requests.get(f"{url}/api/stats", headers=session.headers, timeout=10).status_code < 500
+    except requests.RequestException:
+        return False
 
 
 def has_score_endpoint(session, url: str) -> bool:
-    probe = session.post(f"{url}/api/score", json={"scenario": {"context": "Hi"}, "response": "Hello"}, timeout=30)
-    return probe.status_code == 200
+    """Whether the worker scores without storing (the local worker) or only through the storing
+    /api/simulate-outcome (a real SAIGE worker answers 404)."""
+    import requests
+
+    try:
+        probe = session.post(f"{url}/api/score", json={"scenario": {"context": "Hi"}, "response": "Hello"}, timeout=30)
+    except requests.RequestException as e:
+        raise CliError(f"the worker at {url} stopped answering ({type(e).__name__}); try again") from None
+    if probe.status_code in (404, 405):
+        return False
+    if probe.status_code in (401, 403):
+        raise CliError(f"the worker at {url} refused the token (HTTP {probe.status_code}): check --worker-token")
+    if probe.status_code != 200:
+        raise CliError(f"the worker at {url} answered /api/score with HTTP {probe.status_code}; try again later")
+    return True
+
+
+def unscored_line(name: str, failed: list[dict], total: int) -> str:
+    """One sentence: how many answers could not be scored, and why (the commonest reasons first)."""
+    reasons = Counter(r["error"] for r in failed).most_common()
+    why = "; ".join(f"{reason} ({n})" for reason, n in reasons[:4]) + ("; ..." if len(reasons) > 4 else "")
+    return f"{name}: {len(failed)} of {total} answers could not be scored: {why}"
 
 
 def distinct2(texts: list[str]) -> float:
@@ -335,8 +585,9 @@ def distinct2(texts: list[str]) -> float:
     return sum(map(one, texts)) / len(texts) if texts else 0.0
 
 
-def summarize(results: list[dict]) -> dict:
-    """Means of every score, harm dimension and principle, the alignment distribution and text statistics."""
+def summarize(results: list[dict], unscored: int = 0) -> dict:
+    """Means of every score, harm dimension and principle, the alignment distribution and text statistics, over
+    the scored answers (`unscored` more could not be scored)."""
     n = len(results)
     outcome = [r["outcome"] for r in results]
 
@@ -353,6 +604,7 @@ def summarize(results: list[dict]) -> dict:
         "mean_words": mean([len(r["answer"].split()) for r in results]),
         "distinct2": distinct2([r["answer"] for r in results]),
         "empty_answers": sum(not r["answer"] for r in results),
+        "unscored_answers": unscored,
     }
 
 
@@ -364,12 +616,14 @@ def per_scenario(results: list[dict]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in scores.items()}
 
 
-def compare(results: list[dict], other: list[dict], resamples: int, seed: int) -> dict:
+def compare(results: list[dict], other: list[dict], resamples: int, seed: int) -> dict | None:
     """Paired comparison on the same scenarios: wins/ties/losses and a bootstrap 95% CI of the mean difference."""
     import numpy as np
 
     mine, theirs = per_scenario(results), per_scenario(other)
-    keys = sorted(mine)
+    keys = sorted(mine.keys() & theirs.keys())  # scenarios both models have a score on
+    if not keys:
+        return None
     diffs = np.array([mine[k] - theirs[k] for k in keys])
     rng = np.random.default_rng(seed)
     means = diffs[rng.integers(0, len(diffs), size=(resamples, len(diffs)))].mean(axis=1)
@@ -458,12 +712,13 @@ def degenerate_warning(summaries: dict[str, dict]) -> str | None:
     return None
 
 
-def markdown(summaries: dict, comparison: dict | None, results: dict[str, list[dict]], args) -> str:
+def markdown(summaries: dict, comparison: dict | None, results: dict[str, list[dict]], args, unscored: dict) -> str:
     rows = table(summaries)
+    answers = len(next(iter(results.values()))) + len(next(iter(unscored.values())))
     lines = [
         f"# SAIGE evaluation: {', '.join(summaries)}",
         "",
-        f"Suite: {args.suite or f'{args.worker_url} split {args.split}'}, {len(next(iter(results.values())))} "
+        f"Suite: {args.suite or f'{args.worker_url} split {args.split}'}, {answers} "
         f"answers per model, {'greedy' if not args.temperature else f'temperature {args.temperature}'} decoding, "
         f"max {args.max_new_tokens} new tokens, seed {args.seed}.",
         "",
@@ -471,6 +726,10 @@ def markdown(summaries: dict, comparison: dict | None, results: dict[str, list[d
         "|" + "---|" * len(rows[0]),
     ]
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    for name, failed in unscored.items():
+        if failed:
+            line = unscored_line(name, failed, len(failed) + len(results[name]))
+            lines += ["", f"**{line}** (left out of the means)"]
     if comparison:
         lines += ["", comparison_line(comparison)]
     warning = degenerate_warning(summaries)
@@ -492,7 +751,7 @@ def markdown(summaries: dict, comparison: dict | None, results: dict[str, list[d
     return "\n".join(lines) + "\n"
 
 
-def plot(summaries: dict[str, dict], path: str) -> None:
+def plot(summaries: dict[str, dict], file) -> None:
     """Per-principle means (and weighted score) side by side, with the harm dimensions beneath."""
     import matplotlib
 
@@ -518,14 +777,32 @@ def plot(summaries: dict[str, dict], path: str) -> None:
     bottom.set_ylim(0, 1)
     bottom.set_ylabel("mean harm (0-1, lower is better)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(file, format="png", dpi=100)
     plt.close(fig)
 
 
-def write_atomic(path: str, text: str) -> None:
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+def write_outputs(contents: dict) -> None:
+    """Every output or none: each is written to a temp file of its own beside its target (a fixed name such as
+    `<path>.tmp` could itself be someone's file) and renamed into place only once all are written. A content is
+    text, or a function that writes the open binary file it is given."""
+    staged: dict[str, str] = {}
+    try:
+        for target, content in contents.items():
+            folder, name = os.path.split(os.path.abspath(target))
+            fd, staged[target] = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                if isinstance(content, str):
+                    f.write(content.encode("utf-8"))
+                else:
+                    content(f)
+            mode = os.stat(target).st_mode & 0o777 if os.path.isfile(target) else 0o644
+            os.chmod(staged[target], mode)  # mkstemp's 0600 would hide a report from the rest of a team
+        for target in list(staged):
+            os.replace(staged.pop(target), target)
+    finally:
+        for tmp in staged.values():
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 # --- command line ------------------------------------------------------------------------------------------
@@ -588,8 +865,70 @@ def device_name() -> str:
     return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
 
 
-def evaluate_model(spec: str, base_model, scenarios: list[dict], args, session, device: str, store_ok: bool) -> list:
-    """Generate and score every (scenario, sample) with one model."""
+def check_flags(parser: argparse.ArgumentParser, args) -> None:
+    """Every flag's value in range, before anything runs: a typo must fail now, not after hours of generation."""
+    if args.samples > 1 and not args.temperature:
+        parser.error("--samples above 1 needs --temperature above 0 (greedy answers would all be the same)")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be at least 1 (got {args.limit}); leave it out to evaluate the whole suite")
+    for flag, value, top in (
+        ("--samples", args.samples, MAX_SAMPLES),
+        ("--batch-size", args.batch_size, MAX_BATCH_SIZE),
+        ("--max-new-tokens", args.max_new_tokens, MAX_NEW_TOKENS_LIMIT),
+        ("--bootstrap", args.bootstrap, MAX_BOOTSTRAP),
+    ):
+        if not 1 <= value <= top:
+            parser.error(f"{flag} must be between 1 and {top} (got {value})")
+    if not 0 <= args.seed <= MAX_SEED:
+        parser.error(f"--seed must be between 0 and {MAX_SEED} (got {args.seed})")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        parser.error(f"--temperature must be a finite number, 0 or more (got {args.temperature}); 0 is greedy")
+    if not 0 < args.top_p <= 1:  # NaN fails this too
+        parser.error(f"--top-p must be above 0 and at most 1 (got {args.top_p})")
+    if args.fail_below is not None and not 0 <= args.fail_below <= 10:
+        parser.error(f"--fail-below is a weighted score, 0 to 10 (got {args.fail_below})")
+    if args.scenario_ids is not None:
+        try:
+            ids = scenario_ids(args.scenario_ids)
+        except ValueError:
+            ids = []
+        if not ids:
+            parser.error(f"--scenario-ids takes integers separated by commas, e.g. 3,17,42 (got {args.scenario_ids!r})")
+    url = urlparse(args.worker_url)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        parser.error(f"--worker-url must be an http:// or https:// URL such as {DEFAULT_WORKER_URL}")
+    args.worker_url = args.worker_url.rstrip("/")
+    if args.prompt is not None and not args.prompt.strip():
+        parser.error("--prompt is empty; give the message to answer")
+
+
+def check_paths(parser: argparse.ArgumentParser, args) -> None:
+    """No output is an input, a file a model loads or another output, and every output's folder is writable.
+    Exits 2 with one line."""
+    outputs = {"--report": args.report, "--json": args.json_path, "--plot": args.plot}
+    clash = path_clash(outputs, {"--suite": args.suite})
+    models = (("--model", args.model, args.base_model), ("--compare", args.compare, None))
+    for flag, spec, base in (*models, ("--base-model", args.base_model, None)):
+        for file in model_files(spec, base) if spec else []:
+            clash = clash or path_clash(outputs, {f"{flag} (a file it loads)": file})
+    for flag, path in outputs.items():
+        problem = unwritable(path) if path and not clash else None
+        clash = clash or (problem and f"{flag}: {problem}; fix the path (nothing has run yet)")
+    if clash:
+        parser.exit(EXIT_USAGE, f"test_model.py: error: {clash}\n")
+
+
+def check_inputs(args) -> None:
+    """Models plausible (found, of the right kind) and what --plot needs installed; raises CliError (exit 1)."""
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise CliError("--plot needs matplotlib: pip install matplotlib (or leave --plot out)")
+    check_model(args.model, "--model", args.base_model)
+    if args.compare:
+        check_model(args.compare, "--compare")
+
+
+def evaluate_model(spec: str, base_model, scenarios: list[dict], args, sessions, device: str, store_ok: bool) -> list:
+    """Generate and score every (scenario, sample) with one model: each record has an outcome, or an error."""
     import torch
 
     started = time.monotonic()
@@ -601,8 +940,8 @@ def evaluate_model(spec: str, base_model, scenarios: list[dict], args, session, 
     jobs = [(i, k) for i in range(len(scenarios)) for k in range(args.samples)]
     torch.manual_seed(args.seed)
     answers = generate(model, tokenizer, template, [prompts[i] for i, _ in jobs], args, device)
-    outcomes = score_all(
-        session, args.worker_url, [scenarios[i] for i, _ in jobs], answers, store_ok, by_id=not args.suite
+    scores = score_all(
+        sessions, args.worker_url, [scenarios[i] for i, _ in jobs], answers, store_ok, by_id=not args.suite
     )
     log(f"{spec}: {len(jobs)} answers in {time.monotonic() - started:.0f}s")
     return [
@@ -612,13 +951,13 @@ def evaluate_model(spec: str, base_model, scenarios: list[dict], args, session, 
             "sample": k,
             "context": scenarios[i]["context"],
             "answer": a,
-            "outcome": o,
+            **({"outcome": outcome} if error is None else {"error": error}),
         }
-        for (i, k), a, o in zip(jobs, answers, outcomes)
+        for (i, k), a, (outcome, error) in zip(jobs, answers, scores)
     ]
 
 
-def one_prompt(args, session, device: str) -> int:
+def one_prompt(args, sessions, device: str) -> int:
     model, tokenizer, template = load_model(args.model, args.base_model, device)
     prompt = render_prompt(tokenizer, template, args.system_prompt, args.prompt)
     [answer] = generate(model, tokenizer, template, [prompt], args, device)
@@ -630,10 +969,9 @@ def one_prompt(args, session, device: str) -> int:
         "critical_info": [],
         "harm_type": "none",
     }
-    try:
-        [outcome] = score_all(session, args.worker_url, [scenario], [answer], store_ok=False, by_id=False)
-    except Exception:  # noqa: BLE001 - the answer is still useful without a score
-        log(f"no score: no worker with /api/score at {args.worker_url}")
+    [(outcome, error)] = score_all(sessions, args.worker_url, [scenario], [answer], store_ok=False, by_id=False)
+    if error:  # the answer is still useful without a score
+        log(f"no score ({error}): no worker with /api/score at {args.worker_url}")
         return EXIT_OK
     a = outcome["buddhist_assessment"]
     print(
@@ -644,28 +982,74 @@ def one_prompt(args, session, device: str) -> int:
     return EXIT_OK
 
 
+def json_text(args, results: dict, unscored: dict, summaries: dict, **extra) -> str:
+    """The --json file: every answer (scored or not, with the reason), the summaries and the settings; strict JSON
+    (no NaN or Infinity), which every reply was checked for."""
+    payload = {
+        "config": {k: v for k, v in vars(args).items() if k != "worker_token"},
+        "summaries": summaries,
+        **extra,
+        "results": results,
+        "unscored": unscored,
+    }
+    return json.dumps(payload, indent=2, ensure_ascii=False, allow_nan=False)
+
+
+def save_answers_and_stop(args, results: dict, unscored: dict, why: str) -> None:
+    """Too little was scored to report means: keep the hours of generation in --json, then stop with one line."""
+    summaries = {name: summarize(rs, len(unscored[name])) for name, rs in results.items() if rs}
+    if args.json_path:
+        write_outputs({args.json_path: json_text(args, results, unscored, summaries, incomplete=why)})
+        why += f"; every answer is in {args.json_path}"
+    else:
+        why += "; pass --json FILE to keep the answers of a run like this"
+    raise CliError(why)
+
+
+def sort_scored(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    return [r for r in records if "outcome" in r], [r for r in records if "outcome" not in r]
+
+
 def run(args) -> int:
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    session = worker_session(args.worker_token)
-    device = device_name()
+    sessions = {"score": worker_session(args.worker_token, True), "store": worker_session(args.worker_token, False)}
     if args.prompt:
-        return one_prompt(args, session, device)
-    check_worker(session, args.worker_url)
-    store_ok = not has_score_endpoint(session, args.worker_url)
+        return one_prompt(args, sessions, device_name())
+    rows = read_suite_file(Path(args.suite)) if args.suite else None
+    check_worker(sessions["store"], args.worker_url)
+    store_ok = not has_score_endpoint(sessions["score"], args.worker_url)
     if store_ok:
         log(
             f"warning: {args.worker_url} has no /api/score; scoring through /api/simulate-outcome stores every "
             "evaluation answer in that worker's database"
         )
-    scenarios, skipped = load_suite(args, session)
-    if skipped:
-        log(f"skipped {skipped} suite rows without a usable context")
-    results = {args.model: evaluate_model(args.model, args.base_model, scenarios, args, session, device, store_ok)}
-    if args.compare:
-        results[args.compare] = evaluate_model(args.compare, None, scenarios, args, session, device, store_ok)
-    summaries = {name: summarize(rs) for name, rs in results.items()}
+    if rows is None:
+        rows = worker_suite(args, sessions["store"])
+    scenarios, skipped = select_suite(rows, args, need_id=store_ok or not args.suite)
+    device = device_name()
+    results: dict[str, list[dict]] = {}
+    unscored: dict[str, list[dict]] = {}
+    for spec, base in ((args.model, args.base_model), (args.compare, None)):
+        if not spec:
+            continue
+        records = evaluate_model(spec, base, scenarios, args, sessions, device, store_ok)
+        results[spec], unscored[spec] = sort_scored(records)
+        if any(r["error"] == WORKER_GONE for r in unscored[spec]):
+            save_answers_and_stop(
+                args,
+                results,
+                unscored,
+                f"the worker at {args.worker_url} stopped answering: {len(results[spec])} of {len(records)} answers "
+                f"of {spec} were scored",
+            )
+        if len(unscored[spec]) > MAX_UNSCORED_SHARE * len(records):
+            why = unscored_line(spec, unscored[spec], len(records))
+            save_answers_and_stop(args, results, unscored, f"{why}; too many to report means")
+        if unscored[spec]:
+            log("warning: " + unscored_line(spec, unscored[spec], len(records)) + " (left out of the means)")
+    summaries = {name: summarize(rs, len(unscored[name])) for name, rs in results.items()}
     comparison = compare(*results.values(), args.bootstrap, args.seed) if args.compare else None
     print(console(table(summaries)))
     if comparison:
@@ -673,20 +1057,22 @@ def run(args) -> int:
     warning = degenerate_warning(summaries)
     if warning:
         log(warning)
+    outputs = {}
     if args.report:
-        write_atomic(args.report, markdown(summaries, comparison, results, args))
+        outputs[args.report] = markdown(summaries, comparison, results, args, unscored)
     if args.json_path:
-        payload = {
-            "config": {k: v for k, v in vars(args).items() if k != "worker_token"},
-            "summaries": summaries,
-            "comparison": comparison,
-            "degenerate_warning": warning,
-            "skipped_suite_rows": skipped,
-            "results": results,
-        }
-        write_atomic(args.json_path, json.dumps(payload, indent=2, ensure_ascii=False))
+        outputs[args.json_path] = json_text(
+            args,
+            results,
+            unscored,
+            summaries,
+            comparison=comparison,
+            degenerate_warning=warning,
+            skipped_suite_rows=skipped,
+        )
     if args.plot:
-        plot(summaries, args.plot)
+        outputs[args.plot] = lambda f: plot(summaries, f)
+    write_outputs(outputs)
     score = summaries[args.model]["weighted_score"]
     if args.fail_below is not None and score < args.fail_below:
         log(f"weighted score {score:.3f} is below --fail-below {args.fail_below}")
@@ -697,14 +1083,13 @@ def run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.samples > 1 and not args.temperature:
-        parser.error("--samples above 1 needs --temperature above 0 (greedy answers would all be the same)")
-    if args.samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
-        parser.error("--samples, --batch-size and --max-new-tokens must be positive")
+    check_flags(parser, args)
+    check_paths(parser, args)
     try:
+        check_inputs(args)
         return run(args)
     except KeyboardInterrupt:
-        log("interrupted")
+        log("interrupted (every output is whole or untouched)")
         return EXIT_INTERRUPTED
     except CliError as e:
         if os.environ.get("SAIGE_DEBUG"):
@@ -719,4 +1104,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        # scoring threads may still wait on a stalled worker (up to a minute); every output is already complete
+        # or untouched, so end now instead of joining them
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -108,6 +108,8 @@ MUTATIONS = {  # fault name -> how a correct JSON answer is spoiled (scenario an
     "harm-nan": lambda o: {**o, "total_harm": float("nan")},
     "breakdown-list": lambda o: {**o, "breakdown": [0, 0, 0, 0]},
     "no-assessment": _without("buddhist_assessment"),
+    # a /api/scenarios listing (the evaluator's suite) whose every scenario id is a list
+    "scenarios-list-id": lambda p: {**p, "scenarios": [{**s, "id": [s.get("id")]} for s in p.get("scenarios", [])]},
 }
 
 
@@ -153,6 +155,10 @@ class FaultProxy:
         if fault == "malformed" and method == "GET":
             return Reply(200, b'{"id": 3, "context": "an unterminated')
         reply = self.forward(method, path, headers, body)
+        if fault == "stored-500":  # the worker did its work (a POST stored it), then a gateway failed: retry = twice
+            return json_reply(500, {"error": "injected failure after the work was done"})
+        if fault == "stored-hangup":  # the same, with the connection dropped before any answer
+            return None
         if fault == "malformed":  # the worker stored it; the answer comes back broken
             return Reply(200, reply.body[: len(reply.body) // 2])
         if fault == "truncate":
