@@ -15,25 +15,36 @@ Examples:
   python saige_to_sft.py --db saige.db -o train.jsonl --output-format jsonl --layout messages --dedup
   python saige_to_sft.py --db saige.db -o train.csv --format auto --tokenizer ./my-model --dpo-output pairs.jsonl
 
-Exit codes: 0 success; 1 no experience matched, or bad input (missing or invalid database, unwritable
-output); 2 usage error; 130 interrupted.
+Safety: no output ever replaces an input (the database, its journal files, a tokenizer file), hard links and
+symlinks included; every output folder is checked before the database is read; all outputs (data, pairs, sidecars)
+are written to temp files and renamed together at the end, so a failed, interrupted or no-match run leaves every
+existing file byte-identical. Rows that cannot be used (missing scenario, malformed JSON, non-numeric or infinite
+numbers, BLOBs or invalid UTF-8 text, empty answers) are skipped and counted, never fatal.
+
+Exit codes: 0 success; 1 no experience matched, or bad input (missing, locked, damaged or non-SQLite database;
+an output folder that is missing or not writable, an output that is a folder or a device); 2 usage error (bad
+flags, absurd numbers, an output that is an input or another output); 130 interrupted (nothing written).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
 import os
 import re
+import secrets
+import signal
 import sqlite3
 import sys
-import tempfile
+import threading
 import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import quote
 
 # --- defaults (the names and values users already type; see the README) -----------------------------
 DEFAULT_DB = "../saige.db"
@@ -164,49 +175,76 @@ def unwritable(path) -> str | None:
 # --- the SQL: one classification of every experience, shared by the selection and the report -------
 # A row is classified by the first rule it breaks, so the report can say how many rows each filter removed.
 # Cheap rules come first: the JSON columns are parsed only for rows that pass the harm and alignment
-# thresholds (a million-row scan spends most of its time in JSON otherwise). json_valid comes before
-# json_extract (which raises on malformed text), inside CASE because SQLite does not promise to short-circuit
-# AND. A missing principle makes the weighted score NULL, so the row counts as malformed.
+# thresholds (a million-row scan spends most of its time in JSON otherwise). Every JSON function sits inside a
+# CASE behind typeof and json_valid (json_extract raises on malformed text, and newer SQLite reads a BLOB as JSONB),
+# because SQLite does not promise to short-circuit AND. A missing principle counts as malformed.
 RANK_CASES = " ".join(f"WHEN '{a}' THEN {i}" for i, a in enumerate(ALIGNMENT_LEVELS))
 # the exact words first; lower(trim()) only for the rare messy spelling
 ALIGNMENT_RANK = (
     f"COALESCE(CASE e.buddhist_alignment {RANK_CASES} END, CASE lower(trim(e.buddhist_alignment)) {RANK_CASES} END)"
 )
 WEIGHTED = " + ".join(f"{w:.2f} * json_extract(e.buddhist_scores, '$.{k}')" for k, w in SCORE_WEIGHTS.items())
+# SQLite stores 1e999 as an infinite REAL (and NaN as NULL); a finite number is at most the largest double.
+FINITE = "abs({}) <= 1.7976931348623157e308"
 JSON_COLUMNS = ("e.buddhist_scores", "e.harm_breakdown", "s.person_state")
-JSON_OK = " AND ".join(f"json_valid({c}) AND json_type({c}) = 'object'" for c in JSON_COLUMNS)
+JSON_OK = " AND ".join(
+    f"CASE WHEN typeof({c}) != 'text' OR NOT json_valid({c}) THEN 0 ELSE json_type({c}) = 'object' END"
+    for c in JSON_COLUMNS
+)
+# 1 when every principle is a number, 0 when one is not (a string, a list, null), NULL when one is missing
+SCORES_NUMERIC = " AND ".join(f"json_type(e.buddhist_scores, '$.{k}') IN ('integer', 'real')" for k in SCORE_WEIGHTS)
+# What makes a row that passed the cheap rules unusable, or NULL: evaluated only when the stage CASE gets there, each
+# test once. A score of 1e999 is a number, so it shows as a weighted score that is infinite (or NaN, stored as NULL).
+# utf8_ok() is a Python function: SQLite keeps any bytes as TEXT, and Python cannot decode invalid UTF-8 on fetch.
+DEFECT = f"""CASE WHEN NOT ({JSON_OK}) THEN 'malformed' ELSE CASE {SCORES_NUMERIC}
+    WHEN 0 THEN 'number'
+    WHEN 1 THEN CASE
+      WHEN NOT COALESCE({FINITE.format(WEIGHTED)}, 0) THEN 'number'
+      WHEN NOT utf8_ok(CAST(e.ai_response AS BLOB), CAST(s.context AS BLOB), CAST(s.person_state AS BLOB))
+        THEN 'encoding'
+      END
+    ELSE 'malformed' END
+  END"""
 CLASSIFIED_SQL = f"""
 WITH scored AS (
   SELECT e.id, e.scenario_id, e.ai_response, e.actual_harm, e.timestamp, e.model_version,
          lower(trim(e.buddhist_alignment)) AS alignment, {ALIGNMENT_RANK} AS alignment_rank, s.id AS sid, s.context,
          s.person_state, s.difficulty_level AS difficulty,
+         typeof(e.ai_response) AS response_type, typeof(s.context) AS context_type,
+         typeof(e.buddhist_alignment) AS alignment_type,
          CASE WHEN {JSON_OK} THEN {WEIGHTED} END AS weighted,
+         {DEFECT} AS defect,
          -- rows mix '2026-01-31T10:54:57.175Z' and '2026-01-31 10:54:58', which sort wrongly as text
          julianday(e.timestamp) AS day
   FROM experiences e NOT INDEXED LEFT JOIN scenarios s ON s.id = e.scenario_id
 ), classified AS (
   SELECT *, CASE
     WHEN sid IS NULL THEN 'orphan'
-    WHEN typeof(actual_harm) NOT IN ('integer', 'real') THEN 'malformed'
+    WHEN typeof(actual_harm) NOT IN ('integer', 'real') OR NOT {FINITE.format("actual_harm")}
+      OR typeof(difficulty) NOT IN ('integer', 'null') THEN 'number'
+    WHEN response_type NOT IN ('text', 'null') OR context_type != 'text' OR alignment_type = 'blob' THEN 'encoding'
     WHEN ai_response IS NULL OR trim(ai_response) = '' THEN 'empty'
     WHEN NOT ({{scope}}) THEN 'scope'
     WHEN actual_harm > :max_harm + {EPSILON} THEN 'harm'
     WHEN COALESCE(alignment_rank, -1) < :min_rank THEN 'alignment'
-    WHEN weighted IS NULL THEN 'malformed'
+    WHEN defect IS NOT NULL THEN defect
     WHEN weighted < :min_buddhist - {EPSILON} THEN 'score'
     ELSE 'selected' END AS stage
   FROM scored
 )"""
 ORDER_SQL = "ORDER BY actual_harm ASC, day DESC, id DESC"  # the contract's order: lowest harm, newest first
-FUNNEL = [  # (stage, what removed it) in the order the report lists them
+FUNNEL = [  # (stage, what removed it) in the order the report lists them; the first five are unusable rows
     ("orphan", "scenario row missing"),
     ("malformed", "NULL or malformed JSON"),
+    ("number", "non-numeric or non-finite harm, score or difficulty"),
+    ("encoding", "binary or invalid UTF-8 text"),
     ("empty", "empty response"),
     ("scope", "outside --since/--min-difficulty/--max-difficulty/--model-version"),
     ("harm", "harm above --max-harm"),
     ("alignment", "alignment below --min-alignment"),
     ("score", "weighted score below --min-buddhist"),
 ]
+UNUSABLE = 5  # FUNNEL[:UNUSABLE] are the rows no threshold could keep: the report's "Skipped rows"
 
 
 def scope_sql(args: argparse.Namespace) -> str:
@@ -260,7 +298,8 @@ def dpo_sql(args: argparse.Namespace) -> str:
     """Per scenario: the best selected experience and the worst valid one, when their scores differ enough."""
     base = CLASSIFIED_SQL.replace("{scope}", scope_sql(args))
     return f"""{base}, valid AS (
-  SELECT * FROM classified WHERE stage NOT IN ('orphan', 'malformed', 'empty', 'scope') AND weighted IS NOT NULL
+  -- rows a threshold removed are still fair rejected answers, once they pass the checks the selected rows passed
+  SELECT * FROM classified WHERE stage IN ('harm', 'alignment', 'score', 'selected') AND defect IS NULL
 ), best AS (
   SELECT *, ROW_NUMBER() OVER (PARTITION BY scenario_id ORDER BY weighted DESC, actual_harm, day DESC, id DESC) AS r
   FROM valid WHERE stage = 'selected'
@@ -268,40 +307,101 @@ def dpo_sql(args: argparse.Namespace) -> str:
   SELECT *, ROW_NUMBER() OVER (PARTITION BY scenario_id ORDER BY weighted, actual_harm DESC, day DESC, id DESC) AS r
   FROM valid
 )
-SELECT b.scenario_id, b.context, b.person_state, b.id AS chosen_id, b.ai_response AS chosen,
+SELECT b.scenario_id, b.id AS chosen_id, b.ai_response AS chosen,
        b.weighted AS chosen_score, b.actual_harm AS chosen_harm, w.id AS rejected_id, w.ai_response AS rejected,
        w.weighted AS rejected_score, w.actual_harm AS rejected_harm
 FROM best b JOIN worst w ON w.scenario_id = b.scenario_id AND w.r = 1
-WHERE b.r = 1 AND b.weighted - w.weighted >= :margin - {EPSILON} AND w.actual_harm >= b.actual_harm
+WHERE b.r = 1 AND b.id != w.id AND b.weighted - w.weighted >= :margin - {EPSILON} AND w.actual_harm >= b.actual_harm
 ORDER BY b.scenario_id"""
 
 
-GOLD_SQL = """SELECT id AS scenario_id, context, person_state, difficulty_level AS difficulty, expected_response
-FROM scenarios WHERE trim(COALESCE(expected_response, '')) != '' AND json_valid(person_state)
-  AND json_type(person_state) = 'object' AND (:min_difficulty IS NULL OR difficulty_level >= :min_difficulty)
+GOLD_SQL = """SELECT id AS scenario_id, difficulty_level AS difficulty, expected_response
+FROM scenarios WHERE typeof(expected_response) = 'text' AND typeof(context) = 'text'
+  AND typeof(difficulty_level) IN ('integer', 'null') AND trim(expected_response) != ''
+  AND CASE WHEN typeof(person_state) != 'text' OR NOT json_valid(person_state) THEN 0
+      ELSE json_type(person_state) = 'object' END
+  AND utf8_ok(CAST(expected_response AS BLOB), CAST(context AS BLOB), CAST(person_state AS BLOB))
+  AND (:min_difficulty IS NULL OR difficulty_level >= :min_difficulty)
   AND (:max_difficulty IS NULL OR difficulty_level <= :max_difficulty)
 ORDER BY id"""
 
 
 # --- input -------------------------------------------------------------------------------------------
+SQLITE_HEADER = b"SQLite format 3\x00"
+BUSY_TIMEOUT_S = 5.0  # a worker's write holds the lock for milliseconds; a lock held longer is reported, not waited out
+
+
 def open_database(path: str) -> sqlite3.Connection:
-    """Open a SAIGE database read-only and check its tables; raise CliError with a sentence if it isn't one."""
-    if not Path(path).is_file():
+    """Open a SAIGE database read-only and check its tables; raise CliError with a sentence if it isn't one.
+    Every later query runs in one read transaction, so the rows, the report and the sidecar see one snapshot."""
+    db = Path(path)
+    if db.is_dir():
+        raise CliError(f"--db {path} is a folder; pass the database file (e.g. --db {db / 'saige.db'})")
+    if not db.exists():
         raise CliError(f"database not found: {path} (pass --db PATH to your saige.db)")
-    conn = sqlite3.connect(f"file:{Path(path).resolve().as_posix()}?mode=ro", uri=True)
+    if not db.is_file():
+        raise CliError(f"--db {path} is not a regular file (a pipe or a device); pass --db PATH to your saige.db")
     try:
+        with open(db, "rb") as f:
+            header = f.read(len(SQLITE_HEADER))
+    except OSError as e:
+        raise CliError(f"cannot read database {path} ({e.strerror}); check its permissions") from None
+    if not header:
+        raise CliError(f"{path} is an empty file, not a SQLite database; pass --db PATH to your saige.db")
+    if header != SQLITE_HEADER:
+        raise CliError(f"{path} is not a SQLite database (no SQLite header); pass --db PATH to your saige.db")
+    conn = sqlite3.connect(
+        f"file:{quote(db.resolve().as_posix())}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None
+    )
+    try:
+        conn.execute("BEGIN")
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    except sqlite3.DatabaseError as e:
-        raise CliError(f"{path} is not a SQLite database ({e})") from None
-    for table, needed in REQUIRED_COLUMNS.items():
-        if table not in tables:
-            raise CliError(f"{path} has no '{table}' table; is it a SAIGE database?")
-        have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
-        if needed - have:
-            raise CliError(f"table '{table}' in {path} lacks column(s): {', '.join(sorted(needed - have))}")
+        for table, needed in REQUIRED_COLUMNS.items():
+            if table not in tables:
+                raise CliError(f"{path} has no '{table}' table; is it a SAIGE database?")
+            have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+            if needed - have:
+                raise CliError(f"table '{table}' in {path} lacks column(s): {', '.join(sorted(needed - have))}")
+    except sqlite3.Error as e:
+        conn.close()
+        raise CliError(database_problem(path, e)) from None
+    except CliError:
+        conn.close()
+        raise
     conn.row_factory = sqlite3.Row
     conn.create_function("dedup_key", 1, dedup_key, deterministic=True)
+    conn.create_function("utf8_ok", -1, utf8_ok, deterministic=True)
     return conn
+
+
+def database_problem(path: str, error: sqlite3.Error) -> str:
+    """What a SQLite error means for the user, and what to do about it."""
+    text = str(error)
+    if "locked" in text or "busy" in text:
+        return (
+            f"database {path} is locked by another program (a worker or collector writing to it); "
+            "try again when it has finished, or convert a copy of the file"
+        )
+    if "disk I/O error" in text:
+        return f"cannot read database {path} (disk I/O error); check the disk, or copy the file and convert the copy"
+    if "not a database" in text:
+        return f"{path} is not a SQLite database ({text}); pass --db PATH to your saige.db"
+    if "disk image is malformed" in text or "corrupt" in text:
+        return f"database {path} is damaged ({text}); restore it from a backup or sync it again from the worker"
+    if "unable to open" in text or "readonly" in text or "permission" in text.lower():
+        return f"cannot open database {path} ({text}); check the permissions of the file and of its folder"
+    return f"cannot read database {path} ({text})"
+
+
+def utf8_ok(*values) -> int:
+    """1 when every value (TEXT cast to BLOB, or NULL) is valid UTF-8, else 0 (the SQL's utf8_ok)."""
+    try:
+        for value in values:
+            if value is not None:
+                bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        return 0
+    return 1
 
 
 def count_stages(conn: sqlite3.Connection) -> Counter:
@@ -411,37 +511,69 @@ def make_row(layout: str, prompt: str, end: str, system: str | None, user: str, 
 
 
 # --- output ------------------------------------------------------------------------------------------
-class AtomicWriter:
-    """Write to a temp file beside the target and rename on success, so no half-written file is ever left."""
+class OutputSet:
+    """Every file of a run, each written to a temp file beside its target and all renamed at the end: a run that
+    fails or is interrupted at any point leaves every pre-existing output byte-identical, and no temp file behind."""
 
-    def __init__(self, path: str):
-        self.path = path
-        self.stdout = path == "-"
-        if not self.stdout and not Path(path).resolve().parent.is_dir():
-            raise CliError(f"output directory does not exist: {Path(path).parent}")
+    def __init__(self):
+        self.staged: list[tuple[str, str]] = []  # (temp file, target)
 
     def __enter__(self):
-        if self.stdout:
-            return sys.stdout
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{Path(self.path).name}.", dir=Path(self.path).resolve().parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; the output should look like any other file
-        self.file = os.fdopen(fd, "w", encoding="utf-8", newline="")
-        return self.file
+        return self
 
-    def __exit__(self, exc_type, exc, tb):
-        if self.stdout:
-            sys.stdout.flush()
-            return False
-        self.file.close()
-        try:
-            if exc_type is None:
-                os.replace(self.tmp, self.path)
-        finally:
-            if os.path.exists(self.tmp):
-                os.unlink(self.tmp)
+    def __exit__(self, *exc):
+        for tmp, _ in self.staged:  # only a failed run still has temp files
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        self.staged = []
         return False
+
+    @contextlib.contextmanager
+    def open(self, path: str):
+        """A text file to write `path`'s new content into ('-' is stdout, written as it comes)."""
+        if path == "-":
+            yield sys.stdout
+            sys.stdout.flush()
+            return
+        tmp = os.path.join(Path(path).resolve().parent, f".{Path(path).name}.{secrets.token_hex(6)}.tmp")
+        self.staged.append((tmp, path))  # before the file exists, so a Ctrl-C at any point leaves no temp file
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # the umask applies, as for any new file
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            yield f
+
+    def commit(self) -> None:
+        """Rename every temp file onto its target; if one rename fails (or Ctrl-C lands here), the targets already
+        replaced get their old content back from a hard link made just before."""
+        done, backup = [], None  # done: (target, its backup, or None when the target did not exist)
+        try:
+            for tmp, target in self.staged:
+                backup = None
+                backup = self.backup(target)
+                os.replace(tmp, target)
+                done.append((target, backup))
+                backup = None
+        except BaseException:
+            for target, old in reversed(done):
+                with contextlib.suppress(OSError):
+                    os.replace(old, target) if old else os.unlink(target)
+            raise
+        finally:
+            for old in [backup, *(old for _, old in done)]:
+                if old:
+                    with contextlib.suppress(OSError):
+                        os.unlink(old)
+        self.staged = []
+
+    @staticmethod
+    def backup(target: str) -> str | None:
+        if not os.path.isfile(target):
+            return None
+        backup = os.path.join(os.path.dirname(os.path.abspath(target)), f".{Path(target).name}.{os.getpid()}.bak")
+        try:
+            os.link(target, backup)
+        except OSError:  # a file system without hard links: no rollback for this file
+            return None
+        return backup
 
 
 class Stats:
@@ -475,10 +607,18 @@ def user_turns(conn: sqlite3.Connection):
     """A cached scenario id -> user turn lookup: a few thousand scenarios serve a million experiences."""
     from functools import lru_cache
 
+    # SQLite reads the two fields: Python's json module rejects what SQLite accepts (deep nesting), and a "\ud800"
+    # escape becomes bytes that are not UTF-8, so the values come as bytes and decode leniently.
+    query = (
+        "SELECT context, CAST(json_extract(person_state, '$.mood') AS BLOB) AS mood,"
+        " CAST(json_extract(person_state, '$.vulnerability') AS BLOB) AS vulnerability FROM scenarios WHERE id = ?"
+    )
+
     @lru_cache(maxsize=65536)
     def lookup(scenario_id: int) -> str:
-        row = conn.execute("SELECT context, person_state FROM scenarios WHERE id = ?", (scenario_id,)).fetchone()
-        return user_turn(row["context"], json.loads(row["person_state"]))
+        row = conn.execute(query, (scenario_id,)).fetchone()
+        state = {k: None if row[k] is None else row[k].decode("utf-8", "replace") for k in ("mood", "vulnerability")}
+        return user_turn(row["context"], state)
 
     return lookup
 
@@ -507,7 +647,7 @@ def example_rows(rows, args, template, user_for, stats: Stats, counts: Counter):
         yield example, (*meta, "experience") if args.include_gold else meta
 
 
-def gold_rows(conn, args, template, counts: Counter):
+def gold_rows(conn, args, template, user_for, counts: Counter):
     """Scenarios' reference answers as extra examples (--include-gold), never those of held-out scenarios."""
     prompt, end, system = template
     query = GOLD_SQL
@@ -517,7 +657,7 @@ def gold_rows(conn, args, template, counts: Counter):
             "ORDER BY id", "AND id NOT IN (SELECT scenario_id FROM scenario_splits WHERE split = 'heldout') ORDER BY id"
         )
     for row in conn.execute(query, sql_params(args)):
-        user = user_turn(row["context"], json.loads(row["person_state"]))
+        user = user_for(row["scenario_id"])
         counts["gold"] += 1
         example = make_row(args.layout, prompt, end, system, user, row["expected_response"].strip())
         yield example, ("", "", "", row["difficulty"], row["scenario_id"], "", "gold")
@@ -545,7 +685,7 @@ def write_rows(handle, rows, output_format: str, columns: list[str]) -> None:
         handle.writelines(batch)
 
 
-def dpo_pairs(conn, args, template, counts: Counter):
+def dpo_pairs(conn, args, template, user_for, counts: Counter):
     """Preference pairs in the layout TRL's DPOTrainer reads (conversational with --layout messages)."""
     prompt, end, system = template
     for row in conn.execute(dpo_sql(args), sql_params(args)):
@@ -554,7 +694,7 @@ def dpo_pairs(conn, args, template, counts: Counter):
             chosen, rejected = trim_unfinished(chosen), trim_unfinished(rejected)
         if not chosen or not rejected:
             continue
-        user = user_turn(row["context"], json.loads(row["person_state"]))
+        user = user_for(row["scenario_id"])
         if args.layout == "messages":
             system_turn = [{"role": "system", "content": system}] if system else []
             pair = {
@@ -593,7 +733,7 @@ def report(stats: Stats, funnel: Counter, counts: Counter, args) -> list[str]:
         "Alignment: " + distribution(stats.alignment, n, ALIGNMENT_LEVELS[::-1]),
         "Difficulty: " + distribution(stats.difficulty, n, [1, 2, 3, 4, 5]),
     ]
-    skipped = [f"{funnel[s]} {why}" for s, why in FUNNEL[:3] if funnel[s]]
+    skipped = [f"{funnel[s]} {why}" for s, why in FUNNEL[:UNUSABLE] if funnel[s]]
     if skipped:
         lines.append("Skipped rows: " + ", ".join(skipped))
     if counts["cleaned"] or counts["dropped_empty_after_cleanup"]:
@@ -679,10 +819,20 @@ def score(value: str) -> float:
     return x
 
 
+SQLITE_INT_MAX = 2**63 - 1  # SQLite's integers are 64-bit; a larger Python int cannot even be passed to a query
+
+
 def positive_int(value: str) -> int:
     x = int(value)
-    if x < 1:
-        raise argparse.ArgumentTypeError("must be a positive integer")
+    if not 1 <= x <= SQLITE_INT_MAX:
+        raise argparse.ArgumentTypeError(f"must be a positive integer up to {SQLITE_INT_MAX}")
+    return x
+
+
+def sqlite_int(value: str) -> int:
+    x = int(value)
+    if not -SQLITE_INT_MAX - 1 <= x <= SQLITE_INT_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer between {-SQLITE_INT_MAX - 1} and {SQLITE_INT_MAX}")
     return x
 
 
@@ -799,25 +949,80 @@ def build_parser() -> argparse.ArgumentParser:
         help="only scenarios at most this difficult",
     )
     sel.add_argument("--since", type=iso_date, help="only experiences recorded on or after this date")
-    sel.add_argument("--model-version", type=int, help="only experiences with this model_version")
+    sel.add_argument("--model-version", type=sqlite_int, help="only experiences with this model_version")
     p.epilog = "The README describes each output format and the sidecar file."
     return p
 
 
 def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Reject impossible flag combinations before any work starts."""
+    """Reject impossible flag combinations, and any output that is an input or another output, before any work."""
     if args.format == "auto" and not args.tokenizer:
         p.error("--format auto needs --tokenizer NAME_OR_PATH")
     if args.output_format == "csv" and args.layout != "text":
         p.error(f"--layout {args.layout} needs --output-format jsonl (CSV holds only the text layout)")
     if args.min_difficulty and args.max_difficulty and args.min_difficulty > args.max_difficulty:
         p.error("--min-difficulty is greater than --max-difficulty")
-    if args.dpo_output and args.dpo_output in (args.output, "-"):
+    if args.dpo_output == "-":
         p.error("--dpo-output must be a file other than --output")
+    for name, value in vars(args).items():  # text that cannot be written to a UTF-8 file, e.g. a Latin-1 argument
+        if isinstance(value, str) and not encodable(value):
+            p.error(f"--{name.replace('_', '-')} is not valid UTF-8: {value!r}")
+    clash = path_clash(output_paths(args), input_paths(args))
+    if clash:
+        p.error(clash)
+
+
+def encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def output_paths(args: argparse.Namespace) -> dict:
+    """Every file a run writes, by the flag that names it ('-' and None write no file)."""
+    paths = {}
+    for flag, path in (("--output", args.output), ("--dpo-output", args.dpo_output)):
+        if path and path != "-":
+            paths[flag] = path
+            paths[f"{flag} (sidecar)"] = f"{path}.meta.json"
+    return paths
+
+
+def input_paths(args: argparse.Namespace) -> dict:
+    """Every file a run reads, or must not replace: the database and its journal files, a tokenizer file."""
+    paths = {"--db": args.db, **{f"--db ({kind})": f"{args.db}-{kind}" for kind in ("wal", "shm", "journal")}}
+    if args.tokenizer and os.path.isfile(args.tokenizer):
+        paths["--tokenizer"] = args.tokenizer
+    return paths
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before the database is opened, any output that cannot be written or must not be replaced."""
+    for flag, path in output_paths(args).items():
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise CliError(f"cannot write {flag} {path}: {folder} is a file, not a folder")
+        if not os.path.isdir(folder):
+            raise CliError(f"output directory does not exist: {Path(path).parent} (for {flag}); create it first")
+        if os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):
+            raise CliError(f"cannot write {flag} {path}: not a regular file (a device or pipe); use '-' for stdout")
+        problem = unwritable(path)
+        if problem:
+            raise CliError(f"cannot write {flag} {path}: {problem}")
 
 
 def convert(args: argparse.Namespace) -> int:
+    check_outputs(args)
     conn = open_database(args.db)
+    try:
+        return convert_database(conn, args)
+    finally:
+        conn.close()
+
+
+def convert_database(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
     template = resolve_template(args.format, args.tokenizer, args.system_prompt)
     if args.layout == "messages" and template[2] is None:  # the trainer's chat template renders any system turn
         template = (*template[:2], DEFAULT_SYSTEM_PROMPT)
@@ -830,27 +1035,33 @@ def convert(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     stats, counts = Stats(), Counter()
     columns = CSV_COLUMNS + (["source"] if args.include_gold else [])
-    with AtomicWriter(args.output) as out:
-        rows = example_rows(itertools.chain([first], selected), args, template, user_turns(conn), stats, counts)
-        if args.include_gold:
-            rows = (r for part in (rows, gold_rows(conn, args, template, counts)) for r in part)
-        write_rows(out, progress(rows, funnel["selected"], args.quiet), args.output_format, columns)
-        if args.dpo_output:
-            with AtomicWriter(args.dpo_output) as dpo:
-                dpo.writelines(
-                    json.dumps(p, ensure_ascii=False) + "\n" for p in dpo_pairs(conn, args, template, counts)
-                )
+    user_for = user_turns(conn)
+    with OutputSet() as outputs:
+        with outputs.open(args.output) as out:
+            rows = example_rows(itertools.chain([first], selected), args, template, user_for, stats, counts)
+            if args.include_gold:
+                rows = (r for part in (rows, gold_rows(conn, args, template, user_for, counts)) for r in part)
+            write_rows(out, progress(rows, funnel["selected"], args.quiet), args.output_format, columns)
         if not counts["written"]:
             raise CliError("every selected answer was empty after cleanup; try --no-clean")
-    meta = sidecar(args, template, funnel, counts, conn)
-    # the pairs get the same sidecar, so a DPO-trained adapter is prompted in the format it was trained on
-    for path in (p for p in (args.output, args.dpo_output) if p and p != "-"):
-        with AtomicWriter(f"{path}.meta.json") as f:
-            json.dump(meta, f, indent=2, ensure_ascii=False)
+        if args.dpo_output:
+            with outputs.open(args.dpo_output) as dpo:
+                dpo.writelines(json_line(p) for p in dpo_pairs(conn, args, template, user_for, counts))
+        meta = sidecar(args, template, funnel, counts, conn)
+        # the pairs get the same sidecar, so a DPO-trained adapter is prompted in the format it was trained on
+        for path in (p for p in (args.output, args.dpo_output) if p and p != "-"):
+            with outputs.open(f"{path}.meta.json") as f:
+                json.dump(meta, f, indent=2, ensure_ascii=False, allow_nan=False)
+        outputs.commit()
     if not args.quiet:
         print("\n".join(report(stats, funnel, counts, args)), file=sys.stderr)
         print(f"Done in {time.monotonic() - started:.1f}s", file=sys.stderr)
     return EXIT_OK
+
+
+def json_line(record: dict) -> str:
+    # allow_nan=False: a non-finite number that slipped past the SQL stops the run instead of writing `Infinity`
+    return json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def progress(rows, total: int, quiet: bool):
@@ -859,23 +1070,56 @@ def progress(rows, total: int, quiet: bool):
     return tqdm(rows, total=total, desc="Writing", unit="row", disable=True if quiet else None, file=sys.stderr)
 
 
+class Interrupt:
+    """Ctrl-C, remembered: raised inside a SQLite callback it reaches us as an sqlite3 error, not as itself."""
+
+    seen = False
+
+    @classmethod
+    def handler(cls, signum, frame):
+        cls.seen = True
+        raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     validate(parser, args)
+    Interrupt.seen = False
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, Interrupt.handler) if in_main_thread else None
     try:
         return convert(args)
     except KeyboardInterrupt:
-        print("saige_to_sft.py: interrupted; no output written", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return interrupted()
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as pip does: no second error at exit
         return EXIT_OK
     except (CliError, OSError, sqlite3.Error) as e:
+        if Interrupt.seen:
+            return interrupted()
         if os.environ.get("SAIGE_DEBUG"):
             raise
-        print(f"saige_to_sft.py: error: {e}", file=sys.stderr)
+        message = database_problem(args.db, e) if isinstance(e, sqlite3.Error) else str(e)
+        print(f"saige_to_sft.py: error: {message}", file=sys.stderr)
         return EXIT_FAILURE
+    except Exception as e:  # noqa: BLE001 - a bug or an input nobody foresaw: one line, never a traceback
+        if os.environ.get("SAIGE_DEBUG"):
+            raise
+        print(
+            f"saige_to_sft.py: error: unexpected {type(e).__name__}: {e} (no output written; "
+            "SAIGE_DEBUG=1 shows where, please report it)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def interrupted() -> int:
+    print("saige_to_sft.py: interrupted; no output written", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
