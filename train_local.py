@@ -25,21 +25,33 @@ Examples:
 Colab: upload this file and your CSV, then
   !pip install -q transformers trl peft datasets accelerate bitsandbytes gguf && python train_local.py --data x.csv
 
-Exit codes: 0 trained; 1 bad input or training failed (missing data, unknown model, out of memory, the worker
-failing mid-run: a checkpoint is saved); 2 usage error (including QLoRA without a CUDA GPU, or a worker that can
-only score by storing); 3 GRPO's worker unreachable at start; 130 interrupted (a checkpoint is saved for --resume).
+Exit codes: 0 trained; 1 bad input or training failed (missing or unreadable data, an implausible or unknown
+model, out of memory, the worker failing mid-run: a checkpoint is saved); 2 usage error (a value out of range, an
+--output-dir that is or holds an input or cannot be written, QLoRA without a CUDA GPU, a worker that can only score
+by storing); 3 GRPO's worker unreachable at start; 130 interrupted (once training has started, a checkpoint is
+saved for --resume).
+
+Safety: every path is checked before a model loads or a worker is called. No file the run writes (the adapter, its
+tokenizer, training_summary.json, the copied sidecar, checkpoints, merged/, cloudflare/) can be an input (--data,
+its sidecar, --suite, --model, --resume), and --output-dir can never hold the base model. A worker reply that is not
+a usable score (NaN, a string, HTML, cut short) costs that one answer its learning signal; it is counted in
+training_summary.json and never reaches the loss.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import concurrent.futures
+import csv
 import importlib.util
 import json
+import math
 import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -198,25 +210,29 @@ def load_rows(data_path: Path):
 
 
 def check_columns(data, data_path: Path, method: str) -> None:
+    problem = column_problem(set(data.column_names), data_path, method)
+    if problem:
+        raise CliError(problem)
+
+
+def column_problem(columns: set, data_path: Path, method: str) -> str | None:
     """One line naming what is missing, and the converter flag that writes it."""
-    columns = set(data.column_names)
     if method == "dpo":
         missing = [c for c in PAIR_COLUMNS if c not in columns]
         if missing:
-            raise CliError(
+            return (
                 f"{data_path} lacks the column(s) DPO needs: {', '.join(missing)} (has: {sorted(columns)}); "
                 "write preference pairs with: saige_to_sft.py --db saige.db -o train.csv --dpo-output pairs.jsonl"
             )
     elif method == "grpo":
         if "scenario_id" not in columns or not {"text", "messages", "prompt"} & columns:
-            raise CliError(
+            return (
                 f"{data_path} needs a scenario_id column and a prompt (text, messages or prompt) for GRPO, so the "
                 f"worker knows which scenario to score (has: {sorted(columns)}); use the converter's output"
             )
     elif not ({"text", "messages"} & columns or {"prompt", "completion"} <= columns):
-        raise CliError(
-            f"{data_path} has no 'text', 'messages' or 'prompt'/'completion' column (has: {sorted(columns)})"
-        )
+        return f"{data_path} has no 'text', 'messages' or 'prompt'/'completion' column (has: {sorted(columns)})"
+    return None
 
 
 def split_text(text: str, sidecar: dict | None) -> tuple[str, str] | None:
@@ -391,35 +407,85 @@ class ScoringClient:
             self.session.headers["Authorization"] = f"Bearer {token}"
         self.pool = concurrent.futures.ThreadPoolExecutor(concurrency)
         self.calls = 0
+        self.failures: dict[str, int] = {}  # reason -> answers whose reply was not a usable score
+        self.lock, self.retries = threading.Lock(), retries
 
     def get(self, path: str, **params) -> dict | None:
         """A GET on the worker; None when it has no such endpoint (a remote worker without the local extras)."""
-        response = self.session.get(f"{self.url}{path}", params=params, timeout=self.timeout)
-        if response.status_code == 404:
-            return None
-        response.raise_for_status()
-        return response.json()
+        import requests
 
-    def score(self, refs: list[dict], answers: list[str]) -> list[dict | None]:
-        """One outcome per answer (None for an empty answer), scored in parallel."""
+        try:
+            response = self.session.get(f"{self.url}{path}", params=params, timeout=self.timeout)
+            if response.status_code == 404:
+                return None
+            response.raise_for_status()
+            body = response.json()
+        except (requests.RequestException, ValueError) as e:
+            reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+            raise CliError(f"the worker at {self.url} gave no usable answer to GET {path} ({reason})") from None
+        if not isinstance(body, dict):
+            raise CliError(f"the worker at {self.url} answered GET {path} with JSON that is not an object")
+        return body
+
+    def score(self, refs: list[dict], answers: list[str]) -> list:
+        """One outcome per answer, scored in parallel: see score_one."""
         return list(self.pool.map(self.score_one, refs, answers))
 
-    def score_one(self, ref: dict, answer: str) -> dict | None:
+    def score_one(self, ref: dict, answer: str) -> dict | str | None:
+        """{"weighted", "harm"}; None for an empty answer; the reason (a str) when the reply is not a usable score.
+        Raises WorkerError when the worker cannot be reached or keeps failing after every retry."""
         import requests
 
         if not answer.strip():
             return None
-        self.calls += 1
+        with self.lock:
+            self.calls += 1
         try:
             response = self.session.post(
                 f"{self.url}{self.endpoint}", json={**ref, "response": answer}, timeout=self.timeout
             )
-            response.raise_for_status()
-            outcome = response.json()
-            return {"weighted": outcome["buddhist_assessment"]["weighted_score"], "harm": outcome["total_harm"]}
-        except (requests.RequestException, ValueError, KeyError, TypeError) as e:
+        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError):
+            return self.failed("reply cut short")
+        except requests.RequestException as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise WorkerError(f"the worker at {self.url} failed to score an answer ({reason})") from None
+        if response.status_code >= 500 or response.status_code in (401, 403, 429):
+            raise WorkerError(
+                f"the worker at {self.url} failed to score an answer (HTTP {response.status_code} "
+                f"{response.text[:80]!r} after {self.retries} retries)"
+            )
+        if response.status_code != 200:  # this answer's request was refused (400, 404, 413): the others may pass
+            return self.failed(f"HTTP {response.status_code}")
+        try:
+            body = response.json()
+        except ValueError:
+            return self.failed("reply is not JSON")
+        outcome = parse_outcome(body)
+        return self.failed(outcome) if isinstance(outcome, str) else outcome
+
+    def failed(self, reason: str) -> str:
+        with self.lock:
+            self.failures[reason] = self.failures.get(reason, 0) + 1
+        return reason
+
+
+def parse_outcome(body) -> dict | str:
+    """The weighted score and total harm of a worker's reply, or why they are unusable: a NaN or a string reward
+    would poison the loss of the whole step."""
+    if not isinstance(body, dict):
+        return "reply is not a JSON object"
+    assessment = body.get("buddhist_assessment")
+    if not isinstance(assessment, dict):
+        return "reply has no buddhist_assessment object"
+    values = {"weighted_score": (assessment.get("weighted_score"), 10), "total_harm": (body.get("total_harm"), 1)}
+    for name, (value, top) in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{name} is not a number"
+        if not math.isfinite(value):
+            return f"{name} is not finite"
+        if not 0 <= value <= top:
+            return f"{name} is outside 0..{top}"
+    return {"weighted": float(values["weighted_score"][0]), "harm": float(values["total_harm"][0])}
 
 
 def connect_worker(args) -> ScoringClient:
@@ -456,7 +522,8 @@ def connect_worker(args) -> ScoringClient:
 def grpo_prompts(args, client: ScoringClient, tokenizer, bos: str | None):
     """Training scenarios only: the worker's train split, --suite or --data, minus any held-out scenario."""
     heldout_split = client.get("/api/scenarios", split="heldout")
-    heldout = {s["id"] for s in heldout_split["scenarios"]} if heldout_split else set()
+    rows = worker_scenarios(heldout_split, "heldout", client.url) or []
+    heldout = {s["id"] for s in rows if isinstance(s, dict) and isinstance(s.get("id"), (int, str))}
     if args.data:
         data = load_rows(Path(args.data))
         check_columns(data, Path(args.data), "grpo")
@@ -474,17 +541,38 @@ def grpo_prompts(args, client: ScoringClient, tokenizer, bos: str | None):
         train = client.get("/api/scenarios", split="train")
         if train is None:
             raise CliError(f"{client.url} has no /api/scenarios (a remote SAIGE worker?); pass --data or --suite")
-        prompts = prompts_from_scenarios(train["scenarios"], tokenizer, inline=False)
+        scenarios = worker_scenarios(train, "train", client.url)
+        usable = [s for s in scenarios if usable_scenario(s) and isinstance(s.get("id"), int)]
+        if len(usable) < len(scenarios):
+            log(f"skipped {len(scenarios) - len(usable)} malformed scenarios of the worker's train split")
+        prompts = prompts_from_scenarios(usable, tokenizer, inline=False)
     if prompts.num_rows == 0:
         raise CliError("no training scenario to prompt with (check --data or --suite)")
     return prompts
 
 
+def worker_scenarios(reply: dict | None, split: str, url: str) -> list | None:
+    if reply is None:
+        return None
+    if not isinstance(reply.get("scenarios"), list):
+        raise CliError(f"the worker at {url} answered /api/scenarios?split={split} without a list of scenarios")
+    return reply["scenarios"]
+
+
+def usable_scenario(s) -> bool:
+    return isinstance(s, dict) and isinstance(s.get("context"), str) and bool(s["context"].strip())
+
+
 def read_suite(path: Path) -> list[dict]:
     """Scenarios from a JSON array or JSONL file (the evaluator's --suite), each with a context."""
     if not path.is_file():
-        raise CliError(f"suite file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+        raise CliError(f"suite file not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CliError(
+            f"suite file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8 JSON or JSONL"
+        ) from None
     try:
         rows = (
             json.loads(text)
@@ -493,7 +581,9 @@ def read_suite(path: Path) -> list[dict]:
         )
     except ValueError as e:
         raise CliError(f"suite file {path} is not valid JSON: {e}") from None
-    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("context"), str) and r["context"].strip()]
+    if not isinstance(rows, list):
+        raise CliError(f"suite file {path} is not a JSON array or JSONL of scenarios")
+    return [r for r in rows if usable_scenario(r)]
 
 
 def distinct2(text: str) -> float:
@@ -510,8 +600,14 @@ def saige_reward(client: ScoringClient, kind: str, samples: list):
     def reward(prompts, completions, scenario_ref, log_metric=None, **_):
         answers = [answer_text(c) for c in completions]
         outcomes = client.score([json.loads(r) for r in scenario_ref], answers)
-        rewards = [to_reward(o) if o else EMPTY_ANSWER_REWARD for o in outcomes]
-        scored = [o for o in outcomes if o] or [{"weighted": 0.0, "harm": 1.0}]
+        failed = [o for o in outcomes if isinstance(o, str)]
+        if failed and len(failed) == sum(o is not None for o in outcomes):
+            raise WorkerError(
+                f"the worker at {client.url} gave no usable score for any answer of this step ({failed[0]})"
+            )
+        rewards = [None if isinstance(o, str) else to_reward(o) if o else EMPTY_ANSWER_REWARD for o in outcomes]
+        rewards = without_failed_rewards(rewards, scenario_ref)
+        scored = [o for o in outcomes if isinstance(o, dict)] or [{"weighted": 0.0, "harm": 1.0}]
         if log_metric:  # the guard against reward hacking: length and repetition logged beside the reward
             log_metric("saige/weighted", sum(o["weighted"] for o in scored) / len(scored))
             log_metric("saige/harm", sum(o["harm"] for o in scored) / len(scored))
@@ -522,6 +618,17 @@ def saige_reward(client: ScoringClient, kind: str, samples: list):
 
     reward.__name__ = f"saige_{kind}"
     return reward
+
+
+def without_failed_rewards(rewards: list, groups: list) -> list[float]:
+    """An answer the worker could not score gets the mean reward of its group (the answers to its prompt): its
+    advantage is then zero, so it neither pushes the policy up nor down. A group with nothing scored gets 0."""
+    known: dict = {}
+    for value, group in zip(rewards, groups):
+        if value is not None:
+            known.setdefault(group, []).append(value)
+    means = {group: sum(values) / len(values) for group, values in known.items()}
+    return [means.get(group, 0.0) if value is None else value for value, group in zip(rewards, groups)]
 
 
 # --- model -------------------------------------------------------------------------------------------------
@@ -739,9 +846,14 @@ def StopOnSignal():  # noqa: N802 - reads as a class at the call site; built her
     class _Stop(TrainerCallback):
         requested = False
 
-        def __init__(self):
+        def on_train_begin(self, args, state, control, **kwargs):
+            # before training, a Ctrl-C stops at once (nothing to save); once it runs, a step is finished first
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, self.request)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # saving the adapter: Ctrl-C exits 130
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
         def request(self, *_):
             if self.requested:  # a second Ctrl-C: stop now
@@ -969,18 +1081,43 @@ def merge(output_dir: Path, model_ref: str, args) -> Path:
 
 
 # --- command line ------------------------------------------------------------------------------------------
-def positive_int(value: str) -> int:
-    x = int(value)
-    if x < 1:
-        raise argparse.ArgumentTypeError("must be a positive integer")
-    return x
+def whole(low: int = 1, high: int = 10**9):
+    """An argparse type: an integer in [low, high]; absurd values are refused here, not deep inside torch."""
+
+    def parse(value: str) -> int:
+        try:
+            x = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, not {value!r}") from None
+        if x < low:
+            raise argparse.ArgumentTypeError("must be a positive integer" if low == 1 else f"must be at least {low}")
+        if x > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}")
+        return x
+
+    return parse
 
 
-def ratio(value: str) -> float:
-    x = float(value)
-    if not 0 <= x < 1:
-        raise argparse.ArgumentTypeError("must be at least 0 and below 1")
-    return x
+def number(low: float, high: float, low_open: bool = True, high_open: bool = False):
+    """An argparse type: a finite float in the range (low, high] by default; NaN and infinity are refused."""
+
+    def parse(value: str) -> float:
+        try:
+            x = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, not {value!r}") from None
+        above = x > low if low_open else x >= low
+        below = x < high if high_open else x <= high
+        if not (math.isfinite(x) and above and below):
+            left, right = "(" if low_open else "[", ")" if high_open else "]"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {left}{low:g}, {high:g}{right}, not {value}")
+        return x
+
+    return parse
+
+
+positive_int = whole()
+ratio = number(0, 1, low_open=False, high_open=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1013,9 +1150,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--overwrite", action="store_true", help="replace a finished adapter in --output-dir")
     io.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     lora = p.add_argument_group("LoRA / QLoRA")
-    lora.add_argument("--lora-rank", type=positive_int, default=16, help="LoRA rank r (default: %(default)s)")
-    lora.add_argument("--lora-alpha", type=positive_int, default=32, help="LoRA alpha (default: %(default)s)")
-    lora.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default: %(default)s)")
+    lora.add_argument("--lora-rank", type=whole(1, 1024), default=16, help="LoRA rank r (default: %(default)s)")
+    lora.add_argument("--lora-alpha", type=whole(1, 65536), default=32, help="LoRA alpha (default: %(default)s)")
+    lora.add_argument("--lora-dropout", type=ratio, default=0.05, help="LoRA dropout (default: %(default)s)")
     lora.add_argument(
         "--target-modules",
         default="all-linear",
@@ -1030,33 +1167,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="without CUDA, train an unquantized LoRA instead of refusing --use-4bit/--use-8bit",
     )
     train = p.add_argument_group("training")
-    train.add_argument("--epochs", type=float, default=3, help="training epochs (default: %(default)s)")
+    train.add_argument("--epochs", type=number(0, 100000), default=3, help="training epochs (default: %(default)s)")
     train.add_argument(
         "--max-steps", type=positive_int, help="stop after this many optimizer steps (overrides --epochs)"
     )
     train.add_argument(
         "--max-minutes",
-        type=float,
+        type=number(0, 10**7),
         help="stop after the step that passes this wall-clock budget (model loading not counted); "
         "the adapter is saved as usual",
     )
     train.add_argument(
-        "--batch-size", type=positive_int, default=4, help="examples per device and step (default: %(default)s)"
+        "--batch-size", type=whole(1, 65536), default=4, help="examples per device and step (default: %(default)s)"
     )
     train.add_argument(
         "--gradient-accumulation-steps",
-        type=positive_int,
+        type=whole(1, 65536),
         default=1,
         help="steps to accumulate before an update (default: %(default)s)",
     )
-    train.add_argument("--learning-rate", type=float, default=2e-4, help="peak learning rate (default: %(default)s)")
+    train.add_argument(
+        "--learning-rate", type=number(0, 1), default=2e-4, help="peak learning rate (default: %(default)s)"
+    )
     train.add_argument("--lr-scheduler", default="cosine", help="transformers scheduler name (default: %(default)s)")
     train.add_argument(
         "--warmup-ratio", type=ratio, default=0.03, help="share of steps spent warming up (default: %(default)s)"
     )
     train.add_argument(
         "--max-length",
-        type=positive_int,
+        type=whole(1, 2**20),
         default=1024,
         help="tokens per example; longer ones are truncated and counted (default: %(default)s)",
     )
@@ -1093,7 +1232,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CHECKPOINT",
         help="continue from the latest checkpoint in --output-dir, or from CHECKPOINT",
     )
-    train.add_argument("--seed", type=int, default=42, help="random seed (default: %(default)s)")
+    train.add_argument("--seed", type=whole(0, 2**32 - 1), default=42, help="random seed (default: %(default)s)")
     train.add_argument(
         "--precision",
         choices=["auto", "bf16", "fp16", "fp32"],
@@ -1114,7 +1253,7 @@ def build_parser() -> argparse.ArgumentParser:
     pref = p.add_argument_group("dpo and grpo")
     pref.add_argument(
         "--beta",
-        type=float,
+        type=number(0, 1000, low_open=False),
         help=f"KL weight that keeps the policy near the base: higher stays closer (default: dpo "
         f"{DEFAULT_BETA['dpo']}, grpo {DEFAULT_BETA['grpo']})",
     )
@@ -1135,23 +1274,28 @@ def build_parser() -> argparse.ArgumentParser:
         + f"; an empty answer gets {EMPTY_ANSWER_REWARD} (default: %(default)s)",
     )
     grpo.add_argument(
-        "--num-generations", type=positive_int, default=4, help="answers sampled per prompt (default: %(default)s)"
+        "--num-generations", type=whole(1, 1024), default=4, help="answers sampled per prompt (default: %(default)s)"
     )
     grpo.add_argument(
         "--max-completion-length",
-        type=positive_int,
+        type=whole(1, 2**20),
         default=96,
         help="tokens per sampled answer (default: %(default)s)",
     )
-    grpo.add_argument("--temperature", type=float, default=0.9, help="sampling temperature (default: %(default)s)")
     grpo.add_argument(
-        "--worker-concurrency", type=positive_int, default=8, help="scoring requests in flight (default: %(default)s)"
+        "--temperature", type=number(0, 100), default=0.9, help="sampling temperature (default: %(default)s)"
     )
     grpo.add_argument(
-        "--worker-timeout", type=float, default=30.0, help="seconds to wait for one score (default: %(default)s)"
+        "--worker-concurrency", type=whole(1, 1024), default=8, help="scoring requests in flight (default: %(default)s)"
     )
     grpo.add_argument(
-        "--worker-retries", type=int, default=4, help="retries per scoring request (default: %(default)s)"
+        "--worker-timeout",
+        type=number(0, 86400),
+        default=30.0,
+        help="seconds to wait for one score (default: %(default)s)",
+    )
+    grpo.add_argument(
+        "--worker-retries", type=whole(0, 100), default=4, help="retries per scoring request (default: %(default)s)"
     )
     grpo.add_argument(
         "--allow-storing-rewards",
@@ -1175,13 +1319,179 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def prepare_output_dir(args) -> Path:
-    output_dir = Path(args.output_dir)
-    if finished_adapter(output_dir) and not (args.overwrite or args.resume or args.dry_run):
+# --- checks before any heavy import, worker call or model load (standard library only: they answer at once) --
+# Every name the run writes at the top of --output-dir (the adapter, peft's README, the tokenizer in its formats,
+# the trainer's arguments, the summary, the copied sidecar) and the folders it writes or deletes inside it.
+WRITTEN_FILES = (
+    "adapter_model.safetensors", "adapter_config.json", "README.md", "training_args.bin", "training_summary.json",
+    SIDECAR_NAME, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+)  # fmt: skip
+DATA_SUFFIXES = (".csv", ".jsonl", ".json")
+
+
+def is_within(path, folder) -> bool:
+    """Whether `path` is `folder` or lies anywhere below it (symlinks resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def local_model(name: str) -> bool:
+    """Whether --model names a local path rather than a hub id ("org/name")."""
+    if name == "offline":
+        return False
+    if os.path.exists(os.path.expanduser(name)) or name.endswith(".gguf"):
+        return True
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def input_paths(args) -> dict:
+    """Every file or folder the run reads, by the flag that names it."""
+    inputs = {"--data": args.data, "--suite": args.suite}
+    if args.data and os.path.isfile(f"{args.data}.meta.json"):
+        inputs["--data's sidecar"] = f"{args.data}.meta.json"
+    if local_model(args.model):
+        inputs["--model"] = os.path.expanduser(args.model)
+    if args.resume and args.resume != "latest":
+        inputs["--resume"] = args.resume
+    return {flag: path for flag, path in inputs.items() if path}
+
+
+def output_clash(args) -> str | None:
+    """Why --output-dir would overwrite or delete an input, or cannot be written; None when it is safe."""
+    out, inputs = args.output_dir, input_paths(args)
+    for flag, path in inputs.items():
+        if same_file(out, path) and not os.path.isdir(path):
+            return f"--output-dir {out} is the same file as {flag} {path}; choose another --output-dir"
+    if "--model" in inputs and is_within(inputs["--model"], out):
+        return (
+            f"--output-dir {out} holds the base model --model {args.model}: training would write over it; "
+            "choose another --output-dir"
+        )
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--output-dir {out} is an existing file, not a folder; choose a folder"
+    for name in WRITTEN_FILES:
+        for flag, path in inputs.items():
+            if same_file(os.path.join(out, name), path):
+                return f"--output-dir {out} would write {name} over {flag} {path}; choose another --output-dir"
+    rewritten = ["checkpoint-*", "runs"] + ["merged"] * args.merge + ["cloudflare"] * bool(args.export)
+    for flag, path in inputs.items():
+        for folder in rewritten:
+            inside = [f for f in Path(out).glob(folder) if is_within(path, f)]
+            if inside and not (flag == "--resume" and folder == "checkpoint-*"):
+                return (
+                    f"{flag} {path} lies inside {inside[0]}, which this run writes over or deletes; "
+                    f"move it out of --output-dir"
+                )
+    return output_unwritable(out)
+
+
+def output_unwritable(out: str) -> str | None:
+    """Whether --output-dir (or, when it does not exist yet, the folder it will be made in) takes new files."""
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"--output-dir {out} cannot be made: {existing} is a file, not a folder"
+    reason = unwritable(os.path.join(existing, "training_summary.json"))
+    return f"--output-dir {out}: {reason}; choose a folder you can write to" if reason else None
+
+
+def data_problem(path: Path, method: str) -> str | None:
+    """One line on what is wrong with --data and how to fix it, read with the standard library alone."""
+    if not path.exists():
+        return f"data file not found: {path} (make one with saige_to_sft.py)"
+    if path.is_dir():
+        return f"--data {path} is a folder; pass the converter's CSV or JSONL file (saige_to_sft.py -o train.csv)"
+    if not path.is_file():
+        return f"--data {path} is not a regular file; pass the converter's CSV or JSONL file"
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if head.startswith(b"SQLite format 3\0"):
+        return f"--data {path} is a SQLite database; convert it first: saige_to_sft.py --db {path} -o train.csv"
+    if path.suffix.lower() not in DATA_SUFFIXES:
+        return f"--data {path} is not a .csv or .jsonl file; write one with saige_to_sft.py"
+    if not head.strip():
+        return f"{path} has no rows; collect and convert more experiences first"
+    if b"\0" in head:
+        return f"--data {path} is a binary file, not CSV or JSONL text; pass the converter's output"
+    at = invalid_utf8_at(path)
+    if at is not None:
+        return f"--data {path} is not UTF-8 text (bad byte at offset {at}); re-export it as UTF-8 (saige_to_sft.py)"
+    text = head.decode("utf-8", errors="ignore").lstrip("\ufeff")
+    if path.suffix.lower() == ".csv":
+        header = next(csv.reader(text.splitlines()[:1]), [])
+        return column_problem({c.strip() for c in header}, path, method)
+    first = text.lstrip()[:1]
+    if first not in ("{", "["):
+        return f"--data {path} is not JSON Lines (each line one JSON object); write it with saige_to_sft.py"
+    return None
+
+
+def invalid_utf8_at(path: Path) -> int | None:
+    """The offset of the first byte that is not UTF-8, read in chunks so a large file costs no memory."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                return offset + e.start
+            if not chunk:
+                return None
+            offset += len(chunk)
+
+
+def model_problem(name: str) -> str | None:
+    """Whether a local --model is plausible: a folder with config.json (or a peft adapter), or a real GGUF file."""
+    if not local_model(name):
+        return None
+    path = Path(name).expanduser()
+    if not path.exists():
+        kind = "file" if path.suffix == ".gguf" else "folder"
+        return f"model {kind} not found: {name}; pass a local folder with config.json, a .gguf file or a hub id"
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            return (
+                f"--model {name} is a folder without config.json, so not a transformers model; pass the folder "
+                "that holds config.json and the weights, or a .gguf file"
+            )
+        return None
+    if path.suffix != ".gguf":
+        return f"--model {name} is a file but not a .gguf model; pass a model folder (with config.json) or a .gguf"
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            return f"--model {name} is not a GGUF file (it does not start with 'GGUF'); download it again"
+    return None
+
+
+def resume_problem(args) -> str | None:
+    if args.resume == "latest":
+        if not list(Path(args.output_dir).glob("checkpoint-*")):
+            return f"--resume: no checkpoint-* folder in {args.output_dir} to continue from; drop --resume to start"
+    elif args.resume and not os.path.isdir(args.resume):
+        return f"--resume {args.resume}: no such checkpoint folder (one of {args.output_dir}/checkpoint-*)"
+    return None
+
+
+def check_inputs(args) -> None:
+    """Bad data, suite, model or checkpoint: one line (exit 1) before anything is loaded or called."""
+    problem = (args.data and data_problem(Path(args.data), args.method)) or model_problem(args.model)
+    problem = problem or resume_problem(args)
+    if problem:
+        raise CliError(problem)
+    if finished_adapter(Path(args.output_dir)) and not (args.overwrite or args.resume or args.dry_run):
         raise CliError(
-            f"{output_dir} already holds a finished adapter; pass --overwrite to replace it or choose "
+            f"{args.output_dir} already holds a finished adapter; pass --overwrite to replace it or choose "
             "another --output-dir"
         )
+    if args.suite and args.method == "grpo" and not read_suite(Path(args.suite)):
+        raise CliError(f"suite file {args.suite} holds no scenario with a context; use test_model.py's --suite format")
+
+
+def prepare_output_dir(args) -> Path:
+    output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     return output_dir
 
@@ -1218,6 +1528,14 @@ def dry_run_report(trainer, tokenizer, layout: str, method: str) -> dict:
     return {"method": method, "layout": layout, "rows": len(trainer.train_dataset), "first": first}
 
 
+def check_scheduler(name: str) -> None:
+    from transformers import SchedulerType
+
+    names = [s.value for s in SchedulerType]
+    if name not in names:
+        raise CliError(f"--lr-scheduler {name!r} is not one of: {', '.join(names)}", EXIT_USAGE)
+
+
 def stop_on_worker_error(trainer, output_dir: Path, error: WorkerError) -> int:
     """Keep what GRPO learned so far: a checkpoint --resume continues from."""
     step = trainer.state.global_step
@@ -1233,7 +1551,8 @@ def stop_on_worker_error(trainer, output_dir: Path, error: WorkerError) -> int:
 
 def run(args) -> int:
     quiet_library_logs(args.quiet)
-    if args.method != "grpo":  # bad data fails before the model loads
+    check_scheduler(args.lr_scheduler)
+    if args.data:  # bad data fails before the model loads or the worker is called
         check_columns(load_rows(Path(args.data)), Path(args.data), args.method)
     args.beta = DEFAULT_BETA.get(args.method, 0.0) if args.beta is None else args.beta
     client = connect_worker(args) if args.method == "grpo" else None
@@ -1295,6 +1614,13 @@ def run(args) -> int:
     }
     if client:
         info.update(reward=REWARDS[args.reward][0], scoring_calls=client.calls, sample_answers=samples[:8])
+        info.update(failed_scores=sum(client.failures.values()), failed_score_reasons=dict(client.failures))
+        if client.failures:
+            log(
+                f"{info['failed_scores']} of {client.calls} answers got no usable score from the worker "
+                f"({', '.join(f'{r}: {n}' for r, n in client.failures.items())}); each was given its group's mean "
+                "reward, so it taught nothing"
+            )
     report = summary(trainer, args, started, info, device, precision)
     if report["final_train_loss"] is None:  # fewer steps than --logging-steps: the run's mean loss is all there is
         report["final_train_loss"] = report["first_train_loss"] = result.training_loss
@@ -1338,8 +1664,12 @@ def check_usage(parser: argparse.ArgumentParser, args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_usage(parser, args)
     try:
+        check_usage(parser, args)
+        clash = output_clash(args)
+        if clash:
+            parser.error(clash)
+        check_inputs(args)
         return run(args)
     except KeyboardInterrupt:
         log("interrupted")

@@ -81,7 +81,22 @@ load_settings() {
   fi
 }
 
+# number NAME LOW HIGH [closed]: the variable is a decimal number above LOW (at least LOW with "closed") and at most
+# HIGH; refused here, so a typo never costs a collection that has already run for an hour
+number() {
+  local name="$1" low="$2" high="$3" closed="${4:-}" value="${!1}"
+  if [[ "${value}" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]{1,3})?$ ]] \
+    && awk -v x="${value}" -v lo="${low}" -v hi="${high}" -v c="${closed}" \
+      'BEGIN { exit !((x > lo || (c != "" && x == lo)) && x <= hi) }'; then
+    return
+  fi
+  local bound="above ${low}"
+  if [[ -n "${closed}" ]]; then bound="from ${low}"; fi
+  die "${name}=${value}: must be a number ${bound} up to ${high}"
+}
+
 validate() {
+  command -v "${PYTHON}" >/dev/null || die "PYTHON=${PYTHON} not found; run 'make setup' first"
   [[ "${MIN_ALIGNMENT}" =~ ^(low|moderate|good|excellent)$ ]] \
     || die "MIN_ALIGNMENT=${MIN_ALIGNMENT}: use low, moderate, good or excellent"
   [[ "${FORMAT}" =~ ^(tinyllama|mistral|llama3|chatml|auto)$ ]] \
@@ -90,21 +105,72 @@ validate() {
   local name
   for name in TRAINING_EPISODES SAMPLES_PER_SCENARIO CONCURRENCY ITERATIONS BATCH_SIZE LORA_RANK MAX_NEW_TOKENS \
     EVAL_SAMPLES; do
-    [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || die "${name}=${!name}: must be a positive integer"
+    [[ "${!name}" =~ ^[1-9][0-9]{0,8}$ ]] || die "${name}=${!name}: must be a positive integer (at most 9 digits)"
   done
+  ((LORA_RANK <= 1024)) || die "LORA_RANK=${LORA_RANK}: must be at most 1024 (8 for a Cloudflare export)"
+  ((BATCH_SIZE <= 65536)) || die "BATCH_SIZE=${BATCH_SIZE}: must be at most 65536"
+  number EPOCHS 0 100000
+  number LEARNING_RATE 0 1
+  number TEMPERATURE 0 100 closed
+  number EVAL_TEMPERATURE 0 100
   [[ "${DIFFICULTY}" =~ ^[1-5]$ ]] || die "DIFFICULTY=${DIFFICULTY}: must be 1 to 5"
-  [[ -z "${TRAIN_MINUTES}" || "${TRAIN_MINUTES}" =~ ^[0-9]+(\.[0-9]+)?$ ]] \
-    || die "TRAIN_MINUTES=${TRAIN_MINUTES}: a number of minutes"
-  [[ -z "${EVAL_LIMIT}" || "${EVAL_LIMIT}" =~ ^[1-9][0-9]*$ ]] || die "EVAL_LIMIT=${EVAL_LIMIT}: a positive integer"
-  [[ -z "${SEED}" || "${SEED}" =~ ^[0-9]+$ ]] || die "SEED=${SEED}: a non-negative integer"
-  [[ -z "${BEST_PER_SCENARIO}" || "${BEST_PER_SCENARIO}" =~ ^[1-9][0-9]*$ ]] \
+  if [[ -n "${TRAIN_MINUTES}" ]]; then number TRAIN_MINUTES 0 10000000; fi
+  [[ -z "${EVAL_LIMIT}" || "${EVAL_LIMIT}" =~ ^[1-9][0-9]{0,8}$ ]] || die "EVAL_LIMIT=${EVAL_LIMIT}: a positive integer"
+  [[ -z "${SEED}" || ("${SEED}" =~ ^[0-9]{1,10}$ && 10#${SEED} -le 4294967295) ]] \
+    || die "SEED=${SEED}: an integer from 0 to 4294967295"
+  [[ -z "${BEST_PER_SCENARIO}" || "${BEST_PER_SCENARIO}" =~ ^[1-9][0-9]{0,8}$ ]] \
     || die "BEST_PER_SCENARIO=${BEST_PER_SCENARIO}: a positive integer, or empty for all"
   for name in SKIP_COLLECT SKIP_TRAIN SKIP_EVAL USE_4BIT TRIM_UNFINISHED; do
     [[ "${!name}" =~ ^[01]$ ]] || die "${name}=${!name}: use 0 or 1"
   done
   [[ "${MAX_HARM}" =~ ^(0(\.[0-9]+)?|1(\.0+)?)$ ]] || die "MAX_HARM=${MAX_HARM}: a number from 0 to 1"
   [[ "${MIN_BUDDHIST}" =~ ^([0-9](\.[0-9]+)?|10(\.0+)?)$ ]] || die "MIN_BUDDHIST=${MIN_BUDDHIST}: a number from 0 to 10"
-  command -v "${PYTHON}" >/dev/null || die "PYTHON=${PYTHON} not found; run 'make setup' first"
+  if [[ -n "${MODEL}" && ("${MODEL}" =~ ^[/.~] || "${MODEL}" == *.gguf) && ! -e "${MODEL}" ]]; then
+    die "MODEL=${MODEL}: no such file or folder; set MODEL to a model folder, a .gguf file or a hub id"
+  fi
+  check_paths
+}
+
+# check_paths: DB_PATH is a file the steps read and the worker writes; OUTPUT_DIR is where every step writes. Neither
+# may be the other, and the database may not sit where a step writes (OUTPUT_DIR/iter-N/, worker.log, summary.txt).
+check_paths() {
+  "${PYTHON}" - "${DB_PATH}" "${OUTPUT_DIR}" <<'PY' || exit 1
+import os, sys
+
+db, out = sys.argv[1], sys.argv[2]
+real_db, real_out = os.path.realpath(db), os.path.realpath(out)
+
+
+def fail(message):
+    print(f"train_pipeline.sh: error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+if os.path.isdir(db):
+    fail(f"DB_PATH={db} is a folder; set DB_PATH to the SAIGE SQLite file (e.g. ./saige.db)")
+if real_db == real_out:
+    fail(f"OUTPUT_DIR={out} is the database DB_PATH={db}; choose another OUTPUT_DIR")
+if real_db.startswith(real_out.rstrip(os.sep) + os.sep):
+    top = os.path.relpath(real_db, real_out).split(os.sep)[0]
+    if top in ("worker.log", "summary.txt") or top.startswith("iter-"):
+        where = os.path.join(out, top)
+        fail(f"DB_PATH={db} lies in {where}, which the pipeline writes; move it or choose another OUTPUT_DIR")
+for name in ("worker.log", "summary.txt"):
+    written = os.path.join(out, name)
+    if os.path.exists(db) and os.path.exists(written) and os.path.samefile(db, written):
+        fail(f"{written} is a link to DB_PATH={db}, and the pipeline writes it; remove the link")
+existing = os.path.abspath(out)
+while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+if not os.path.isdir(existing):
+    fail(f"OUTPUT_DIR={out} cannot be made: {existing} is a file, not a folder; choose a folder")
+probe = os.path.join(existing, f".pipeline.{os.getpid()}.probe")
+try:
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    os.unlink(probe)
+except OSError as e:
+    fail(f"OUTPUT_DIR={out}: cannot write in {existing} ({e.strerror}); choose a folder you can write to")
+PY
 }
 
 resolve_model() {
