@@ -1422,8 +1422,9 @@ def settle_orphans(path: str, records: Records, worker_db: str | None) -> list[s
 
 def heal_db(args: argparse.Namespace, records: Records) -> int:
     """Insert into --db the logged episodes meant for it (their line names it) that it lacks: a run killed
-    between the log line and the insert, or a --db that failed mid-run and works again."""
-    healed = 0
+    between the log line and the insert, or a --db that failed mid-run and works again. Episodes are matched by
+    (timestamp, answer) and counted, since two episodes of one scenario can share both (fast backends)."""
+    logged: dict[tuple[str, str], list[dict]] = {}
     for line in read_lines(args.output_jsonl):
         if not (isinstance(line, dict) and isinstance(line.get("outcome"), dict) and line.get("db")):
             continue
@@ -1432,12 +1433,14 @@ def heal_db(args: argparse.Namespace, records: Records) -> int:
         scenario = line.get("scenario")
         if not isinstance(scenario, dict) or scenario_problem(scenario) or not isinstance(line.get("response"), str):
             continue
-        present = records.db.conn.execute(
-            "SELECT 1 FROM experiences WHERE timestamp = ? AND ai_response = ? LIMIT 1",
-            (line.get("timestamp"), line["response"]),
+        logged.setdefault((str(line.get("timestamp")), line["response"]), []).append(line)
+    healed = 0
+    for (timestamp, response), lines in logged.items():
+        (present,) = records.db.conn.execute(
+            "SELECT COUNT(*) FROM experiences WHERE timestamp = ? AND ai_response = ?", (timestamp, response)
         ).fetchone()
-        if present is None:
-            records.db.insert(clean_scenario(scenario), line["response"], line["outcome"], str(line["timestamp"]))
+        for line in lines[present:]:
+            records.db.insert(clean_scenario(line["scenario"]), response, line["outcome"], timestamp)
             healed += 1
     return healed
 
