@@ -118,7 +118,8 @@ def test_zero_match_stops_with_the_converter_hints(tiny_model, tmp_path):
 
 
 def test_failed_step_names_itself_and_stops_the_worker(tmp_path, tiny_model):
-    env = settings(tmp_path, tmp_path / "no-such-model")
+    (tmp_path / "not-a-model").mkdir()  # exists, so the pipeline's own checks pass; the collector refuses it
+    env = settings(tmp_path, tmp_path / "not-a-model")
     result = pipeline(env)
     assert result.returncode == 1
     assert "step 'collect' failed" in result.stderr and "collect.log" in result.stderr
