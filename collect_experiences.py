@@ -35,8 +35,8 @@ stored is in the record that still works (or a rescue file it names), and the ex
 130 interrupted with Ctrl-C or SIGTERM (after printing what was stored).
 
 Nothing the worker stored is lost locally: before each answer is posted, it is written to an in-flight journal
-beside --output-jsonl (FILE.inflight, removed when a run ends cleanly), so a run killed outright (SIGKILL, power
-loss) can be reconciled by --resume: answers the local worker stored are recovered from its database, and
+beside --output-jsonl (FILE.inflight, removed when a run ends cleanly), so a run killed outright (SIGKILL, a
+crash) can be reconciled by --resume: answers the local worker stored are recovered from its database, and
 --db gets any logged episode it is missing.
 """
 

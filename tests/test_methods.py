@@ -96,6 +96,7 @@ def test_dpo_data_without_pair_columns_names_them_and_the_converter_flag(tiny_mo
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # a whole training run or pipeline: `make test-slow` (CI runs both)
 def test_dpo_skips_and_counts_pairs_whose_chosen_equals_rejected(tiny_model, pairs, tmp_path):
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
     rows[0]["rejected"] = rows[0]["chosen"]
@@ -134,6 +135,7 @@ def test_grpo_learns_from_a_real_local_worker_and_stores_nothing(tiny_model, tmp
         assert conn.execute("SELECT COUNT(*) FROM experiences").fetchone()[0] == 0
 
 
+@pytest.mark.slow  # a whole training run or pipeline: `make test-slow` (CI runs both)
 def test_grpo_takes_prompts_from_converter_output_and_leaves_out_heldout(tiny_model, tmp_path):
     heldout = [i + 1 for i, s in enumerate(BANK) if s.get("split") == "heldout"][:2]
     train_ids = [i + 1 for i, s in enumerate(BANK) if s.get("split") != "heldout"][:3]
@@ -194,6 +196,7 @@ def failing_worker(**attrs):
         server.shutdown()
 
 
+@pytest.mark.slow  # a whole training run or pipeline: `make test-slow` (CI runs both)
 def test_grpo_stops_clearly_with_a_checkpoint_when_the_worker_fails_mid_run(tiny_model, tmp_path):
     # the probe and the first step's 4 answers succeed; every later score is a 500
     with failing_worker(ok_scores=5) as (url, handler):
@@ -236,6 +239,7 @@ def test_usage_errors_exit_2(tiny_model, tmp_path, args, message):
     assert result.returncode == 2 and message in result.stderr
 
 
+@pytest.mark.slow  # a whole training run or pipeline: `make test-slow` (CI runs both)
 def test_max_minutes_stops_after_the_step_that_passes_the_budget(tiny_model, pairs, tmp_path):
     out = tmp_path / "o"
     result = train(tiny_model, out, "--method", "dpo", "--data", pairs, "--max-steps", "50", "--max-minutes", "0.0001")

@@ -55,6 +55,7 @@ def workers_on(db: Path) -> list[str]:
     return [line for line in found if "saige_worker.py" in line and str(db) in line]
 
 
+@pytest.mark.slow  # a whole training run or pipeline: `make test-slow` (CI runs both)
 def test_one_iteration_end_to_end(tiny_model, tmp_path):
     env = settings(tmp_path, tiny_model, BEST_PER_SCENARIO="1", TRIM_UNFINISHED="1")
     result = pipeline(env)
@@ -88,6 +89,7 @@ def test_one_iteration_end_to_end(tiny_model, tmp_path):
     assert not workers_on(tmp_path / "saige.db")
 
 
+@pytest.mark.slow  # a whole training run or pipeline: `make test-slow` (CI runs both)
 @pytest.mark.parametrize("method", ["dpo", "grpo"])
 def test_one_iteration_with_dpo_or_grpo(tiny_model, tmp_path, method):
     # 4 sampled answers per scenario: the tiny model's babble scores differently, so each scenario yields a pair

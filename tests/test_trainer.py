@@ -217,6 +217,7 @@ def test_cloudflare_export_refuses_rank_over_limit_before_training(saige_data, t
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow  # a whole training run or pipeline: `make test-slow` (CI runs both)
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(saige_data, tiny_model, tmp_path):
     data = convert(saige_data, tmp_path / "train.csv", "--format", "chatml")
     out = tmp_path / "out"
@@ -285,6 +286,7 @@ def test_data_without_usable_column(tiny_model, tmp_path):
     assert result.returncode == 1 and "no rows" in result.stderr
 
 
+@pytest.mark.slow  # a whole training run or pipeline: `make test-slow` (CI runs both)
 def test_long_rows_are_truncated_and_counted(saige_data, tiny_model, tmp_path):
     data = convert(saige_data, tmp_path / "train.csv", "--format", "chatml")
     args = ["--data", data, "--model", tiny_model, "--output-dir", tmp_path / "out", "--dry-run"]
