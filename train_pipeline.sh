@@ -38,6 +38,7 @@ readonly SETTINGS=(
   "EVAL_SAMPLES|1|evaluator: answers per held-out scenario; 1 = greedy, more = sampled at EVAL_TEMPERATURE"
   "EVAL_TEMPERATURE|0.7|evaluator: sampling temperature when EVAL_SAMPLES is above 1"
   "EVAL_LIMIT||evaluate only the first N held-out scenarios (empty = all)"
+  "EVAL_SUITE||evaluator: JSON/JSONL file of held-out scenarios (with ids); needed for a worker without /api/scenarios"
   "ITERATIONS|1|how many collect-convert-train-evaluate rounds"
   "SKIP_COLLECT|0|1 = use the experiences already in DB_PATH"
   "SKIP_TRAIN|0|1 = stop after converting (no adapter, no evaluation)"
@@ -128,6 +129,10 @@ validate() {
   if [[ -n "${MODEL}" && ("${MODEL}" =~ ^[/.~] || "${MODEL}" == *.gguf) && ! -e "${MODEL}" ]]; then
     die "MODEL=${MODEL}: no such file or folder; set MODEL to a model folder, a .gguf file or a hub id"
   fi
+  if [[ -n "${EVAL_SUITE}" ]]; then
+    [[ -f "${EVAL_SUITE}" ]] || die "EVAL_SUITE=${EVAL_SUITE}: no such file; give a JSON or JSONL file of scenarios"
+    [[ ! "${EVAL_SUITE}" -ef "${DB_PATH}" ]] || die "EVAL_SUITE=${EVAL_SUITE} is the database DB_PATH; give a scenario file"
+  fi
   check_paths
 }
 
@@ -182,6 +187,20 @@ print(p.Path(list(s.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_
     if [[ "${FORMAT_SET}" == 0 ]]; then FORMAT="chatml"; fi
   fi
   if [[ -z "${BACKEND}" ]]; then BACKEND="transformers"; fi
+}
+
+# worker_lists_heldout: whether the worker can list its held-out split (the local worker can; the real SAIGE worker
+# has no /api/scenarios), asked before hours of collection and training rather than at the evaluation step
+worker_lists_heldout() {
+  "${PYTHON}" -c 'import os, sys, urllib.request
+token = os.environ.get("SAIGE_WORKER_TOKEN")
+request = urllib.request.Request(sys.argv[1] + "/api/scenarios?split=heldout")
+if token:
+    request.add_header("Authorization", "Bearer " + token)
+try:
+    urllib.request.urlopen(request, timeout=10)
+except Exception as e:
+    sys.exit(1 if getattr(e, "code", 0) == 404 else 0)' "${WORKER_URL}"
 }
 
 worker_answers() {
@@ -281,9 +300,10 @@ train() {
 
 evaluate() {
   local dir="$1"
-  local args=(--model "${dir}/adapter" --compare "${MODEL}" --worker-url "${WORKER_URL}" --split heldout
+  local args=(--model "${dir}/adapter" --compare "${MODEL}" --worker-url "${WORKER_URL}"
     --max-new-tokens "${MAX_NEW_TOKENS}" --report "${dir}/eval.md" --json "${dir}/eval.json"
     --plot "${dir}/eval.png" -q)
+  if [[ -n "${EVAL_SUITE}" ]]; then args+=(--suite "${EVAL_SUITE}"); else args+=(--split heldout); fi
   if [[ -n "${EVAL_LIMIT}" ]]; then args+=(--limit "${EVAL_LIMIT}"); fi
   if ((EVAL_SAMPLES > 1)); then args+=(--samples "${EVAL_SAMPLES}" --temperature "${EVAL_TEMPERATURE}"); fi
   run_step evaluate "${dir}/eval.log" "${PYTHON}" "${SCRIPT_DIR}/test_model.py" "${args[@]}"
@@ -334,6 +354,10 @@ main() {
   resolve_model
   local started=${SECONDS} i adapter=""
   if [[ "${SKIP_COLLECT}" == 0 || "${SKIP_EVAL}" == 0 || "${METHOD}" == grpo ]]; then start_worker; fi
+  if [[ "${SKIP_EVAL}" == 0 && "${SKIP_TRAIN}" == 0 && -z "${EVAL_SUITE}" ]] && ! worker_lists_heldout; then
+    die "${WORKER_URL} cannot list held-out scenarios (no /api/scenarios: a real SAIGE worker); set EVAL_SUITE=FILE" \
+      "(a JSON or JSONL file of scenarios with their ids) or SKIP_EVAL=1"
+  fi
   for ((i = 1; i <= ITERATIONS; i++)); do
     local dir="${OUTPUT_DIR}/iter-${i}"
     mkdir -p "${dir}"

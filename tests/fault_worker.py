@@ -116,8 +116,9 @@ MUTATIONS = {  # fault name -> how a correct JSON answer is spoiled (scenario an
 class FaultProxy:
     """Forwards to the worker, except for the faults queued per method: each request takes the next one."""
 
-    def __init__(self, upstream: str, get=(), post=(), die_after_posts: int | None = None):
+    def __init__(self, upstream: str, get=(), post=(), die_after_posts: int | None = None, hide=()):
         self.upstream = upstream
+        self.hide = set(hide)  # paths answered 404 'Not found', as the real SAIGE worker has no extras
         self.faults = {"GET": list(get), "POST": list(post)}
         self.die_after_posts = die_after_posts
         self.seen: Counter = Counter()
@@ -134,6 +135,8 @@ class FaultProxy:
         with self.lock:
             if self.dead:
                 return None
+            if path.split("?")[0] in self.hide:
+                return Reply(404, b"Not found", {"Content-Type": "text/plain"})
             api = path.startswith("/api/")
             self.seen[method, path.split("?")[0]] += 1
             fault = self.faults[method].pop(0) if api and self.faults[method] else None

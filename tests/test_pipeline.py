@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,7 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+import requests
+from conftest import ROOT, start_worker
+from fault_worker import FaultProxy, serve
 
 SCRIPT = ROOT / "train_pipeline.sh"
 
@@ -198,3 +201,43 @@ def test_help_lists_every_setting_with_its_default():
         assert any(x.startswith(name + " ") for x in result.stdout.splitlines()), name
     bad = subprocess.run(["bash", str(SCRIPT), "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown argument" in bad.stderr
+
+
+# --- a worker like the user's own: the contract's API only -----------------------------------------------
+@contextlib.contextmanager
+def contract_only_worker(tmp_path: Path):
+    """A local worker behind a proxy that answers like the real SAIGE worker: no /api/scenarios, no /api/score.
+    Yields (the worker's own URL, the proxied URL)."""
+    with start_worker(tmp_path / "worker.db") as direct:
+        with serve(FaultProxy(direct, hide=("/api/scenarios", "/api/score"))) as proxied:
+            yield direct, proxied
+
+
+def test_a_worker_that_cannot_list_heldout_scenarios_is_refused_before_collecting(tiny_model, tmp_path):
+    with contract_only_worker(tmp_path) as (_, url):
+        result = pipeline(settings(tmp_path, tiny_model, WORKER_URL=url))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "set EVAL_SUITE=FILE" in errors[0]
+    assert not (tmp_path / "out" / "iter-1").exists()  # refused before any collection
+
+
+def test_eval_suite_must_be_a_file_other_than_the_database(tiny_model, tmp_path):
+    missing = pipeline(settings(tmp_path, tiny_model, EVAL_SUITE=str(tmp_path / "nope.json")))
+    assert missing.returncode == 1 and "EVAL_SUITE=" in missing.stderr and "no such file" in missing.stderr
+    db = tmp_path / "saige.db"
+    db.write_bytes(b"")
+    clash = pipeline(settings(tmp_path, tiny_model, EVAL_SUITE=str(db)))
+    assert clash.returncode == 1 and "is the database DB_PATH" in clash.stderr
+
+
+@pytest.mark.slow  # a whole training run or pipeline: `make test-slow` (CI runs both)
+def test_eval_suite_lets_the_loop_finish_against_a_worker_without_extras(tiny_model, tmp_path):
+    with contract_only_worker(tmp_path) as (direct, url):
+        heldout = requests.get(direct + "/api/scenarios?split=heldout", timeout=10).json()["scenarios"][:2]
+        suite = tmp_path / "heldout.json"
+        suite.write_text(json.dumps(heldout))
+        result = pipeline(settings(tmp_path, tiny_model, WORKER_URL=url, EVAL_SUITE=str(suite)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluation = json.loads((tmp_path / "out" / "iter-1" / "eval.json").read_text())
+    assert evaluation["config"]["suite"] == str(suite) and evaluation["comparison"]["scenarios"] == 2
