@@ -241,12 +241,20 @@ start_worker() {
   done
 }
 
-# run_step NAME LOG COMMAND...: log the exact command, run it, and name the step and its log when it fails
+# run_step NAME LOG COMMAND...: log the exact command, run it, and name the step and its log when it fails. The
+# collector's exit 1 means "finished, but some episodes failed" (an empty answer, say): the loop goes on with the
+# episodes that were scored; any other failure stops it.
 run_step() {
-  local name="$1" logfile="$2"
+  local name="$1" logfile="$2" status
   shift 2
   log "${name}: $*"
-  if ! "$@" 2>&1 | tee "${logfile}" >&2; then
+  set +e
+  "$@" 2>&1 | tee "${logfile}" >&2
+  status=${PIPESTATUS[0]}
+  set -e
+  if [[ "${name}" == collect && "${status}" == 1 ]]; then
+    log "collect: some episodes failed (an empty answer, say); going on with the ones that were scored"
+  elif [[ "${status}" != 0 ]]; then
     die "step '${name}' failed (command: $*); log: ${logfile}"
   fi
 }

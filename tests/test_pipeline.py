@@ -234,10 +234,12 @@ def test_eval_suite_must_be_a_file_other_than_the_database(tiny_model, tmp_path)
 @pytest.mark.slow  # a whole training run or pipeline: `make test-slow` (CI runs both)
 def test_eval_suite_lets_the_loop_finish_against_a_worker_without_extras(tiny_model, tmp_path):
     with contract_only_worker(tmp_path) as (direct, url):
-        heldout = requests.get(direct + "/api/scenarios?split=heldout", timeout=10).json()["scenarios"][:2]
+        heldout = requests.get(direct + "/api/scenarios?split=heldout", timeout=10).json()["scenarios"][:4]
         suite = tmp_path / "heldout.json"
         suite.write_text(json.dumps(heldout))
-        result = pipeline(settings(tmp_path, tiny_model, WORKER_URL=url, EVAL_SUITE=str(suite)))
+        # 4 scenarios: the worker refuses an empty answer (the tiny model's babble can be one), and the evaluator
+        # reports a run where most answers go unscored as failed
+        result = pipeline(settings(tmp_path, tiny_model, WORKER_URL=url, EVAL_SUITE=str(suite), EVAL_LIMIT="4"))
     assert result.returncode == 0, result.stderr[-3000:]
     evaluation = json.loads((tmp_path / "out" / "iter-1" / "eval.json").read_text())
-    assert evaluation["config"]["suite"] == str(suite) and evaluation["comparison"]["scenarios"] == 2
+    assert evaluation["config"]["suite"] == str(suite) and 1 <= evaluation["comparison"]["scenarios"] <= 4
