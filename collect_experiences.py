@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -109,6 +110,7 @@ MAX_SECONDS = 86_400.0  # timeouts and --sleep: a day
 MAX_TEMPERATURE = 100.0
 MAX_SEED = 2**31 - 1  # seeds grow by one per episode: stays within a 32-bit seed for every backend
 MAX_MODEL_VERSION = 2**63 - 1  # SQLite INTEGER
+MAX_HELDOUT_DRAWS = 200  # random draws in a row that may be held out before an episode gives up (0.25**200: never)
 DB_BUSY_TIMEOUT_S = 5.0  # how long an insert waits for another program's lock before the run stops (sqlite3's default)
 DB_CHECK_TIMEOUT_S = 2.0  # at start: a --db locked this long is reported as locked
 JOURNAL_SUFFIX = ".inflight"  # beside --output-jsonl: answers posted whose outcome is not yet recorded
@@ -262,6 +264,25 @@ def unwritable(path) -> str | None:
 # --- end shared: safe paths ---------------------------------------------------------------------------------
 
 
+# --- shared: heldout split (the same in every script: edit shared_blocks/heldout.py, then `make sync`) ------
+HELDOUT_FRACTION = 0.25  # the pipeline's default share of scenarios kept for evaluation only (HELDOUT_FRACTION)
+
+
+def is_heldout(context, fraction: float) -> bool:
+    """Whether a scenario is held out (evaluated, never trained on) at this fraction of all scenarios.
+
+    Decided by a hash of the scenario's context text, whitespace folded: every script, every copy of a database
+    and every D1 export agree without asking the worker, even where a copied scenario got another id. A scenario
+    held out at one fraction stays held out at any larger one."""
+    if fraction <= 0 or not isinstance(context, str):
+        return False
+    digest = hashlib.sha256(b"saige-heldout\0" + " ".join(context.split()).encode("utf-8", "replace")).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+# --- end shared: heldout split ----------------------------------------------------------------------------
+
+
 # --- prompts -----------------------------------------------------------------------------------------------
 def user_turn(context: str, person_state: dict) -> str:
     """The scenario as the user's message, with a note of the person's state when it matters (contract)."""
@@ -356,6 +377,9 @@ class WorkerClient:
         self.timeout = (min(CONNECT_TIMEOUT_S, timeout), timeout)
         self.local = threading.local()
         self.deck, self.deck_lock = None, threading.Lock()  # --scenarios cover: the scenarios, dealt in turn
+        self.heldout_fraction = 0.0  # --heldout-fraction: scenarios kept for evaluation are never answered ...
+        self.heldout: dict = {}  # ... but remembered (id -> scenario), so --db holds them for the evaluator
+        self.heldout_draws = 0  # random draws that were held out (not an episode: drawn again)
 
     def deal_scenarios(self, difficulty: int, seed: int | None) -> int:
         """--scenarios cover: deal every training scenario in turn (a shuffled deck, reshuffled when used up)
@@ -369,7 +393,7 @@ class WorkerClient:
         except (requests.RequestException, ValueError, KeyError, TypeError):
             scenarios = []
         scenarios = [clean_scenario(x) for x in scenarios if isinstance(x, dict) and not scenario_problem(x)]
-        scenarios = [x for x in scenarios if x["difficulty_level"] <= difficulty]
+        scenarios = [x for x in scenarios if x["difficulty_level"] <= difficulty and not self.held_out(x)]
         if scenarios:
             self.deck = shuffled_forever(scenarios, random.Random(seed))
         return len(scenarios)
@@ -404,12 +428,30 @@ class WorkerClient:
             body = {}
         return body if isinstance(body, dict) else {}
 
+    def held_out(self, scenario: dict) -> bool:
+        """Whether a scenario is kept for evaluation (--heldout-fraction); if so, it is remembered."""
+        if not is_heldout(scenario["context"], self.heldout_fraction):
+            return False
+        with self.deck_lock:
+            self.heldout.setdefault(scenario["id"], scenario)
+        return True
+
     def get_scenario(self, difficulty: int, note) -> dict:
-        """A random scenario (or the deck's next); malformed or truncated answers and scenarios missing fields
-        are fetched again."""
+        """A random training scenario (or the deck's next); a held-out scenario is drawn again (never answered),
+        up to MAX_HELDOUT_DRAWS times in a row."""
         if self.deck is not None:
             with self.deck_lock:
                 return next(self.deck)
+        for _ in range(MAX_HELDOUT_DRAWS):
+            scenario = self.draw_scenario(difficulty, note)
+            if not self.held_out(scenario):
+                return scenario
+            with self.deck_lock:
+                self.heldout_draws += 1
+        raise EpisodeError(f"{MAX_HELDOUT_DRAWS} held-out scenarios drawn in a row (lower --heldout-fraction)")
+
+    def draw_scenario(self, difficulty: int, note) -> dict:
+        """A random scenario; malformed or truncated answers and scenarios missing fields are fetched again."""
         problem = "malformed scenario JSON"
         for attempt in range(self.retries + 1):
             if not problem.startswith("scenario missing"):
@@ -1233,6 +1275,17 @@ class Records:
         self.broken[flag] = reason
         self.on_failure(flag, reason)
 
+    def keep_scenarios(self, scenarios: list[dict]) -> None:
+        """Copy scenarios that were seen but not answered (held out) into --db, where the evaluator finds them."""
+        if self.db is None or not scenarios:
+            return
+        try:
+            with self.db.conn:
+                for scenario in scenarios:
+                    self.db.local_scenario_id(scenario)
+        except sqlite3.Error as e:  # only the evaluator's convenience is lost: say so, keep the run's result
+            print(f"{PROG}: warning: could not copy held-out scenarios into --db {self.args.db} ({e})", file=sys.stderr)
+
     def close(self, clean: bool) -> None:
         if self.fd is not None:
             os.close(self.fd)
@@ -1459,6 +1512,7 @@ class Stats:
         self.tokens = 0
         self.tokens_known = False  # echo reports no token counts
         self.generation_s = 0.0  # summed over calls (threaded backends) or over batches (transformers)
+        self.heldout_draws = self.heldout_seen = 0  # --heldout-fraction: draws skipped, held-out scenarios seen
 
     def count_tokens(self, tokens) -> None:
         if tokens is not None:
@@ -1789,6 +1843,11 @@ def summarize(args, stats: Stats, backend_name: str, model, elapsed: float, prev
         "failures": dict(stats.failures.most_common()),
         "stored_but_unusable": stats.stored_unusable,
         "retried_worker_answers": dict(stats.retried.most_common()),
+        "heldout": {
+            "fraction": args.heldout_fraction,
+            "draws_skipped": stats.heldout_draws,
+            "scenarios_seen": stats.heldout_seen,
+        },
         "harm": spread(stats.harm, lower_is_better=True),
         "weighted_score": spread([round(w, 4) for w in stats.weighted], lower_is_better=False),
         "alignment": {k: stats.alignment[k] for k in [*ALIGNMENT_LEVELS[::-1], "unknown"] if stats.alignment[k]},
@@ -1843,6 +1902,11 @@ def report_lines(summary: dict) -> list[str]:
     if s["retried_worker_answers"]:
         lines.append(
             "Retried worker answers: " + ", ".join(f"{what}: {n}" for what, n in s["retried_worker_answers"].items())
+        )
+    if s["heldout"]["scenarios_seen"]:
+        lines.append(
+            f"Held out: {s['heldout']['scenarios_seen']} scenarios kept for evaluation, never answered "
+            f"({s['heldout']['draws_skipped']} draws skipped)"
         )
     gen = s["generation"]
     if gen.get("tokens_per_s"):
@@ -1947,6 +2011,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="random: the worker's random draws (GET /api/get-scenario); cover: every training scenario of the "
         "local worker in turn, in a shuffled order, so none is asked twice before all are asked once "
         "(default: %(default)s)",
+    )
+    w.add_argument(
+        "--heldout-fraction",
+        type=float_range(0.0, 0.99, message="must be from 0 to 0.99 (1 would hold out every scenario)"),
+        default=0.0,
+        metavar="F",
+        help="never answer the scenarios kept for evaluation: those whose context hashes into this fraction (the "
+        f"split saige_to_sft.py and test_model.py agree on; the pipeline uses {HELDOUT_FRACTION}); they are drawn "
+        "again, and their rows still go to --db so the evaluator can find them (default: %(default)s)",
     )
     w.add_argument(
         "--difficulty",
@@ -2335,6 +2408,7 @@ def run(args: argparse.Namespace) -> int:
     health = WorkerClient(args.worker_url, args.worker_token, args.timeout, min(args.retries, 2)).health()
     check_worker_db_clash(args, health)
     worker = WorkerClient(args.worker_url, args.worker_token, args.timeout, args.retries)
+    worker.heldout_fraction = args.heldout_fraction
     if args.scenarios == "cover" and not worker.deal_scenarios(args.difficulty, args.seed):
         print(
             f"{PROG}: warning: {args.worker_url} cannot list its scenarios (GET /api/scenarios, a local worker "
@@ -2363,6 +2437,8 @@ def run(args: argparse.Namespace) -> int:
     not_attempted, busy = 0, False
     if todo and not state.stop.is_set():
         not_attempted, busy = collect_with_signals(args, state, worker, backend, records, stats, todo, previous)
+    records.keep_scenarios(list(worker.heldout.values()))
+    stats.heldout_draws, stats.heldout_seen = worker.heldout_draws, len(worker.heldout)
     records.close(clean=not busy and not state.record_failure)
     elapsed = time.monotonic() - started
     return report(args, state, records, stats, backend, elapsed, previous, not_attempted, db_is_worker, busy)

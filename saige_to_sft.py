@@ -8,7 +8,9 @@ Reads the `experiences` and `scenarios` tables of a SAIGE database (opened read-
 experiences that pass the quality thresholds, and writes one training example per experience:
 a CSV with a `text` column in a chat format (the default), or JSONL with `text`, `messages` or
 `prompt`/`completion` rows, plus a sidecar `<output>.meta.json` that tells the trainer and the
-evaluator which format and system prompt were used. Optionally writes DPO preference pairs.
+evaluator which format and system prompt were used. Optionally writes DPO preference pairs. Scenarios kept for
+evaluation are never trained on: those whose context hashes into --heldout-fraction (the split the collector and
+the evaluator agree on) and the local worker's own held-out split.
 
 Examples:
   python saige_to_sft.py --db ../saige.db --output saige_training_data.csv --format mistral
@@ -172,6 +174,25 @@ def unwritable(path) -> str | None:
 # --- end shared: safe paths ---------------------------------------------------------------------------------
 
 
+# --- shared: heldout split (the same in every script: edit shared_blocks/heldout.py, then `make sync`) ------
+HELDOUT_FRACTION = 0.25  # the pipeline's default share of scenarios kept for evaluation only (HELDOUT_FRACTION)
+
+
+def is_heldout(context, fraction: float) -> bool:
+    """Whether a scenario is held out (evaluated, never trained on) at this fraction of all scenarios.
+
+    Decided by a hash of the scenario's context text, whitespace folded: every script, every copy of a database
+    and every D1 export agree without asking the worker, even where a copied scenario got another id. A scenario
+    held out at one fraction stays held out at any larger one."""
+    if fraction <= 0 or not isinstance(context, str):
+        return False
+    digest = hashlib.sha256(b"saige-heldout\0" + " ".join(context.split()).encode("utf-8", "replace")).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+# --- end shared: heldout split ----------------------------------------------------------------------------
+
+
 # --- the SQL: one classification of every experience, shared by the selection and the report -------
 # A row is classified by the first rule it breaks, so the report can say how many rows each filter removed.
 # Cheap rules come first: the JSON columns are parsed only for rows that pass the harm and alignment
@@ -224,6 +245,7 @@ WITH scored AS (
       OR typeof(difficulty) NOT IN ('integer', 'null') THEN 'number'
     WHEN response_type NOT IN ('text', 'null') OR context_type != 'text' OR alignment_type = 'blob' THEN 'encoding'
     WHEN ai_response IS NULL OR trim(ai_response) = '' THEN 'empty'
+    WHEN {{heldout}} THEN 'heldout'
     WHEN NOT ({{scope}}) THEN 'scope'
     WHEN actual_harm > :max_harm + {EPSILON} THEN 'harm'
     WHEN COALESCE(alignment_rank, -1) < :min_rank THEN 'alignment'
@@ -239,6 +261,7 @@ FUNNEL = [  # (stage, what removed it) in the order the report lists them; the f
     ("number", "non-numeric or non-finite harm, score or difficulty"),
     ("encoding", "binary or invalid UTF-8 text"),
     ("empty", "empty response"),
+    ("heldout", "held-out scenario (evaluation only: --heldout-fraction or the local worker's held-out split)"),
     ("scope", "outside --since/--min-difficulty/--max-difficulty/--model-version"),
     ("harm", "harm above --max-harm"),
     ("alignment", "alignment below --min-alignment"),
@@ -261,6 +284,28 @@ def scope_sql(args: argparse.Namespace) -> str:
     return " AND ".join(parts)
 
 
+def classified_sql(args: argparse.Namespace) -> str:
+    """Every experience with the stage that removed or selected it; held-out scenarios are in temp.heldout."""
+    heldout = "sid IN (SELECT id FROM temp.heldout)" if getattr(args, "heldout_scenarios", 0) else "0"
+    return CLASSIFIED_SQL.replace("{scope}", scope_sql(args)).replace("{heldout}", heldout)
+
+
+def mark_heldout(conn: sqlite3.Connection, fraction: float) -> int:
+    """Fill temp.heldout with the scenarios never to train on: those whose context hashes into the held-out
+    fraction, and those the local worker keeps for evaluation (its scenario_splits table); returns how many."""
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS heldout (id INTEGER PRIMARY KEY)")
+    if fraction > 0:
+        # as bytes: a context of invalid UTF-8 must not stop the run here (its rows are counted as 'encoding')
+        rows = conn.execute("SELECT id, CAST(context AS BLOB) FROM scenarios WHERE typeof(context) = 'text'").fetchall()
+        held = [(i,) for i, text in rows if is_heldout(bytes(text).decode("utf-8", "replace"), fraction)]
+        conn.executemany("INSERT OR IGNORE INTO temp.heldout VALUES (?)", held)
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'scenario_splits'").fetchone():
+        conn.execute(
+            "INSERT OR IGNORE INTO temp.heldout SELECT scenario_id FROM scenario_splits WHERE split = 'heldout'"
+        )
+    return conn.execute("SELECT COUNT(*) FROM temp.heldout").fetchone()[0]
+
+
 def sql_params(args: argparse.Namespace) -> dict:
     return {
         "max_harm": args.max_harm,
@@ -277,7 +322,7 @@ def sql_params(args: argparse.Namespace) -> dict:
 
 def selection_sql(args: argparse.Namespace) -> str:
     """The selected experiences, best-per-scenario and dedup applied, in the contract's order."""
-    base = CLASSIFIED_SQL.replace("{scope}", scope_sql(args))
+    base = classified_sql(args)
     # tally() counts every row's stage as SQLite scans it, so one pass gives both the rows and the report.
     rows = "SELECT * FROM classified WHERE tally(stage) = 'selected'"
     if args.dedup:  # keep the lowest-harm, newest copy of each (scenario, normalised answer)
@@ -296,7 +341,7 @@ def selection_sql(args: argparse.Namespace) -> str:
 
 def dpo_sql(args: argparse.Namespace) -> str:
     """Per scenario: the best selected experience and the worst valid one, when their scores differ enough."""
-    base = CLASSIFIED_SQL.replace("{scope}", scope_sql(args))
+    base = classified_sql(args)
     return f"""{base}, valid AS (
   -- rows a threshold removed are still fair rejected answers, once they pass the checks the selected rows passed
   SELECT * FROM classified WHERE stage IN ('harm', 'alignment', 'score', 'selected') AND defect IS NULL
@@ -650,12 +695,7 @@ def example_rows(rows, args, template, user_for, stats: Stats, counts: Counter):
 def gold_rows(conn, args, template, user_for, counts: Counter):
     """Scenarios' reference answers as extra examples (--include-gold), never those of held-out scenarios."""
     prompt, end, system = template
-    query = GOLD_SQL
-    # the local worker marks its evaluation scenarios in scenario_splits; their answers must not leak into training
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'scenario_splits'").fetchone():
-        query = GOLD_SQL.replace(
-            "ORDER BY id", "AND id NOT IN (SELECT scenario_id FROM scenario_splits WHERE split = 'heldout') ORDER BY id"
-        )
+    query = GOLD_SQL.replace("ORDER BY id", "AND id NOT IN (SELECT id FROM temp.heldout) ORDER BY id")
     for row in conn.execute(query, sql_params(args)):
         user = user_for(row["scenario_id"])
         counts["gold"] += 1
@@ -733,6 +773,8 @@ def report(stats: Stats, funnel: Counter, counts: Counter, args) -> list[str]:
         "Alignment: " + distribution(stats.alignment, n, ALIGNMENT_LEVELS[::-1]),
         "Difficulty: " + distribution(stats.difficulty, n, [1, 2, 3, 4, 5]),
     ]
+    if funnel["heldout"]:
+        lines.append(f"Held out: {funnel['heldout']} experiences of held-out scenarios left out (evaluation only)")
     skipped = [f"{funnel[s]} {why}" for s, why in FUNNEL[:UNUSABLE] if funnel[s]]
     if skipped:
         lines.append("Skipped rows: " + ", ".join(skipped))
@@ -793,8 +835,10 @@ def sidecar(args, template, funnel: Counter, counts: Counter, conn) -> dict:
                 "trim_unfinished",
                 "clean",
                 "include_gold",
+                "heldout_fraction",
             )
         },
+        "heldout_scenarios": args.heldout_scenarios,
         "counts": {"selected": funnel["selected"], **{f"removed_{s}": funnel[s] for s, _ in FUNNEL}, **counts},
         "source_db": str(Path(args.db).resolve()),
         "source_rows": {
@@ -907,6 +951,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep this alignment level and the ones above it (default: %(default)s)",
     )
     sel.add_argument("--limit", type=positive_int, help="write at most N experiences, best first")
+    sel.add_argument(
+        "--heldout-fraction",
+        type=fraction,
+        default=0.0,
+        metavar="F",
+        help="leave out the scenarios kept for evaluation: those whose context hashes into this fraction (the "
+        f"split test_model.py --heldout-fraction evaluates; the pipeline uses {HELDOUT_FRACTION}). The local worker's "
+        "held-out scenarios are always left out (default: %(default)s)",
+    )
     sel.add_argument(
         "--best-per-scenario",
         type=positive_int,
@@ -1028,6 +1081,7 @@ def convert_database(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
         template = (*template[:2], DEFAULT_SYSTEM_PROMPT)
     funnel = count_stages(conn)
     started = time.monotonic()
+    args.heldout_scenarios = mark_heldout(conn, args.heldout_fraction)
     selected = conn.execute(selection_sql(args), sql_params(args))
     first = selected.fetchone()  # the ORDER BY makes SQLite scan every row first, so the funnel is complete
     if first is None:

@@ -13,6 +13,8 @@ collect -> train -> evaluate loop runs offline, plus a few extras for evaluation
   POST /api/score        (extra)        the same scoring for {"scenario_id"} or {"scenario": {...}}, not stored
   GET  /api/scenarios?split=train|heldout   (extra) list the scenarios of a split
   GET  /health           (extra)        liveness, with row counts
+With --strict-contract it serves only the contract's three endpoints, and get-scenario draws from every scenario,
+as the real worker does (for testing the loop against a deployed worker).
 
 Examples:
   python saige_worker.py --db ./saige.db --init              # create the DB with the bundled scenario bank
@@ -787,14 +789,12 @@ def parse_json_body(raw: bytes, strict: bool):
         raise ApiError(500, "Unexpected end of JSON input" if not raw else f"Malformed JSON: {e}", cors=True) from None
 
 
-def get_scenario(conn, query: dict, body) -> tuple[int, dict]:
+def get_scenario(conn, query: dict, body, split: str = NOT_HELDOUT) -> tuple[int, dict]:
     difficulty = parse_int(query.get("difficulty", [None])[0])
     difficulty = DEFAULT_DIFFICULTY if difficulty is None else difficulty
     ids = [
         r[0]
-        for r in conn.execute(
-            f"SELECT s.id FROM scenarios s WHERE s.difficulty_level <= ? AND {NOT_HELDOUT}", (difficulty,)
-        )
+        for r in conn.execute(f"SELECT s.id FROM scenarios s WHERE s.difficulty_level <= ? AND {split}", (difficulty,))
     ]
     if not ids:
         raise ApiError(404, "No scenarios found")
@@ -931,6 +931,12 @@ ROUTES = {  # path -> (allowed method, handler, takes a JSON body)
     "/api/scenarios": ("GET", list_scenarios, False),
     "/health": ("GET", health, False),
 }
+# --strict-contract: the real SAIGE worker's API and nothing more (no extras, no held-out split)
+STRICT_ROUTES = {
+    "/api/get-scenario": (ANY_METHOD, lambda conn, query, body: get_scenario(conn, query, body, split="1"), False),
+    "/api/stats": ROUTES["/api/stats"],
+    "/api/simulate-outcome": ROUTES["/api/simulate-outcome"],
+}
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
@@ -975,6 +981,7 @@ class Handler(BaseHTTPRequestHandler):
     db_path = ""
     token = None
     quiet = False
+    strict = False  # --strict-contract
     check_host = True  # only on a loopback bind without a token
     allowed_origins: tuple = ()
     own_hostname = socket.gethostname().lower()
@@ -1065,7 +1072,7 @@ class Handler(BaseHTTPRequestHandler):
             self.refuse(refusal)
             return
         url = urlparse(self.path)
-        allowed, handler, takes_json = ROUTES.get(url.path, ("", None, False))
+        allowed, handler, takes_json = (STRICT_ROUTES if self.strict else ROUTES).get(url.path, ("", None, False))
         try:
             raw = self.read_body()
             if self.token and self.headers.get("Authorization") != f"Bearer {self.token}":
@@ -1311,6 +1318,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="drop a client that stalls this long mid-request or idles on keep-alive (default: %(default)s)",
     )
+    p.add_argument(
+        "--strict-contract",
+        action="store_true",
+        help="behave like the real SAIGE worker: only get-scenario (from every scenario: no held-out split), "
+        "simulate-outcome and stats; the extras (/api/score, /api/scenarios, /health) answer 404. For testing the "
+        "loop against a deployed worker",
+    )
     p.add_argument("--seed", type=int, help="seed the scenario picker, for reproducible runs")
     p.add_argument("-q", "--quiet", action="store_true", help="do not log each request")
     return p
@@ -1377,6 +1391,7 @@ def serve(args: argparse.Namespace) -> int:
                 "db_path": args.db,
                 "token": args.token,
                 "quiet": args.quiet,
+                "strict": args.strict_contract,
                 "timeout": args.client_timeout,
                 "check_host": loopback and not args.token,
                 "allowed_origins": tuple(origin_pattern(o) for o in args.allow_origin),

@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import importlib.util
 import json
 import math
 import os
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -136,6 +138,25 @@ def unwritable(path) -> str | None:
 # --- end shared: safe paths ---------------------------------------------------------------------------------
 
 
+# --- shared: heldout split (the same in every script: edit shared_blocks/heldout.py, then `make sync`) ------
+HELDOUT_FRACTION = 0.25  # the pipeline's default share of scenarios kept for evaluation only (HELDOUT_FRACTION)
+
+
+def is_heldout(context, fraction: float) -> bool:
+    """Whether a scenario is held out (evaluated, never trained on) at this fraction of all scenarios.
+
+    Decided by a hash of the scenario's context text, whitespace folded: every script, every copy of a database
+    and every D1 export agree without asking the worker, even where a copied scenario got another id. A scenario
+    held out at one fraction stays held out at any larger one."""
+    if fraction <= 0 or not isinstance(context, str):
+        return False
+    digest = hashlib.sha256(b"saige-heldout\0" + " ".join(context.split()).encode("utf-8", "replace")).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+# --- end shared: heldout split ----------------------------------------------------------------------------
+
+
 # --- the suite ---------------------------------------------------------------------------------------------
 def worker_session(token: str | None, retry_posts: bool):
     """A session that retries what is safe to retry: GETs, connections never made, and POSTs only when they store
@@ -191,14 +212,15 @@ def usable_row(row, need_id: bool) -> bool:
     return sid is None or isinstance(sid, (int, str))  # only a label for a suite scored inline
 
 
-def worker_suite(args, session) -> list:
-    """The rows of the worker's split, as it sent them (checked by select_suite)."""
+def worker_suite(args, session) -> list | None:
+    """The rows of the worker's split, as it sent them (checked by select_suite); None when the worker cannot list
+    its scenarios (a real SAIGE worker has no /api/scenarios)."""
     import requests
 
     url = f"{args.worker_url}/api/scenarios"
     response = session.get(url, params={"split": args.split}, timeout=30)
     if response.status_code == 404:
-        raise CliError(f"{args.worker_url} has no /api/scenarios (a remote SAIGE worker?); pass --suite FILE")
+        return None
     try:
         response.raise_for_status()
         payload = response.json()
@@ -207,6 +229,40 @@ def worker_suite(args, session) -> list:
     if not isinstance(payload, dict) or not isinstance(payload.get("scenarios"), list):
         raise CliError(f"{url} answered something other than an object with a 'scenarios' list; is it a SAIGE worker?")
     return payload["scenarios"]
+
+
+def db_suite(args) -> list[dict]:
+    """The scenarios of --db (a SAIGE database: the worker's, a synced copy, or the collector's --db, which copies
+    every scenario it sees) on the --split side of the hashed held-out split, in id order. Read-only."""
+    path = Path(args.db)
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+        try:
+            conn.text_factory = lambda b: b.decode("utf-8", "replace")
+            rows = conn.execute(
+                "SELECT id, context, person_state, facts, critical_info, difficulty_level, harm_type, expected_response"
+                " FROM scenarios ORDER BY id"
+            ).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        raise CliError(f"cannot read the scenarios of --db {args.db} ({e}); is it a SAIGE database?") from None
+    keys = ("id", "context", "person_state", "facts", "critical_info", "difficulty_level", "harm_type")
+    suite = []
+    for row in rows:
+        scenario = {**dict(zip(keys, row)), "expected_response": row[7]}
+        for key, empty in (("person_state", {}), ("facts", []), ("critical_info", [])):
+            try:
+                scenario[key] = json.loads(scenario[key]) if isinstance(scenario[key], str) else empty
+            except ValueError:
+                scenario[key] = empty
+        if is_heldout(scenario["context"], args.heldout_fraction) == (args.split == "heldout"):
+            suite.append(scenario)
+    log(
+        f"suite: the {args.split} side of --db {args.db} ({len(suite)} of {len(rows)} scenarios at "
+        f"--heldout-fraction {args.heldout_fraction})"
+    )
+    return suite
 
 
 def select_suite(rows: list, args, need_id: bool) -> tuple[list[dict], int]:
@@ -715,10 +771,11 @@ def degenerate_warning(summaries: dict[str, dict]) -> str | None:
 def markdown(summaries: dict, comparison: dict | None, results: dict[str, list[dict]], args, unscored: dict) -> str:
     rows = table(summaries)
     answers = len(next(iter(results.values()))) + len(next(iter(unscored.values())))
+    suite = args.suite or getattr(args, "suite_from", None) or f"{args.worker_url} split {args.split}"
     lines = [
         f"# SAIGE evaluation: {', '.join(summaries)}",
         "",
-        f"Suite: {args.suite or f'{args.worker_url} split {args.split}'}, {answers} "
+        f"Suite: {suite}, {answers} "
         f"answers per model, {'greedy' if not args.temperature else f'temperature {args.temperature}'} decoding, "
         f"max {args.max_new_tokens} new tokens, seed {args.seed}.",
         "",
@@ -834,6 +891,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="the local worker's split to evaluate on (default: %(default)s)",
     )
     p.add_argument("--suite", help="JSON or JSONL file of scenarios (contract shape) instead of the worker's split")
+    p.add_argument(
+        "--db",
+        help="a SAIGE database (the worker's, a synced copy, or the collector's --db): when the worker cannot list "
+        "its scenarios, the suite is the scenarios of this file whose context hashes into --heldout-fraction",
+    )
+    p.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=HELDOUT_FRACTION,
+        metavar="F",
+        help="with --db: the share of scenarios held out, as given to saige_to_sft.py and collect_experiences.py "
+        "(default: %(default)s)",
+    )
     p.add_argument("--scenario-ids", help="comma-separated scenario ids to keep")
     p.add_argument("--limit", type=int, help="evaluate only the first N scenarios")
     p.add_argument(
@@ -898,6 +968,8 @@ def check_flags(parser: argparse.ArgumentParser, args) -> None:
     if url.scheme not in ("http", "https") or not url.netloc:
         parser.error(f"--worker-url must be an http:// or https:// URL such as {DEFAULT_WORKER_URL}")
     args.worker_url = args.worker_url.rstrip("/")
+    if not 0 < args.heldout_fraction < 1:  # NaN fails this too
+        parser.error(f"--heldout-fraction must be above 0 and below 1 (got {args.heldout_fraction})")
     if args.prompt is not None and not args.prompt.strip():
         parser.error("--prompt is empty; give the message to answer")
 
@@ -906,7 +978,7 @@ def check_paths(parser: argparse.ArgumentParser, args) -> None:
     """No output is an input, a file a model loads or another output, and every output's folder is writable.
     Exits 2 with one line."""
     outputs = {"--report": args.report, "--json": args.json_path, "--plot": args.plot}
-    clash = path_clash(outputs, {"--suite": args.suite})
+    clash = path_clash(outputs, {"--suite": args.suite, "--db": args.db})
     models = (("--model", args.model, args.base_model), ("--compare", args.compare, None))
     for flag, spec, base in (*models, ("--base-model", args.base_model, None)):
         for file in model_files(spec, base) if spec else []:
@@ -922,6 +994,8 @@ def check_inputs(args) -> None:
     """Models plausible (found, of the right kind) and what --plot needs installed; raises CliError (exit 1)."""
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise CliError("--plot needs matplotlib: pip install matplotlib (or leave --plot out)")
+    if args.db and not os.path.isfile(args.db):
+        raise CliError(f"--db {args.db}: no such file; pass the SAIGE database (e.g. --db ./saige.db)")
     check_model(args.model, "--model", args.base_model)
     if args.compare:
         check_model(args.compare, "--compare")
@@ -1020,14 +1094,22 @@ def run(args) -> int:
     rows = read_suite_file(Path(args.suite)) if args.suite else None
     check_worker(sessions["store"], args.worker_url)
     store_ok = not has_score_endpoint(sessions["score"], args.worker_url)
+    if rows is None:
+        rows = worker_suite(args, sessions["store"])
+        if rows is None and not args.db:
+            raise CliError(
+                f"{args.worker_url} has no /api/scenarios (a remote SAIGE worker?); pass --suite FILE, or --db "
+                "saige.db to evaluate the held-out scenarios of your database"
+            )
+        if rows is None:
+            rows = db_suite(args)
+            args.suite_from = f"{args.split} scenarios of {args.db} (--heldout-fraction {args.heldout_fraction})"
+    scenarios, skipped = select_suite(rows, args, need_id=store_ok or not args.suite)
     if store_ok:
         log(
             f"warning: {args.worker_url} has no /api/score; scoring through /api/simulate-outcome stores every "
             "evaluation answer in that worker's database"
         )
-    if rows is None:
-        rows = worker_suite(args, sessions["store"])
-    scenarios, skipped = select_suite(rows, args, need_id=store_ok or not args.suite)
     device = device_name()
     results: dict[str, list[dict]] = {}
     unscored: dict[str, list[dict]] = {}

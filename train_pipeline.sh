@@ -5,7 +5,9 @@
 #   3. convert   saige_to_sft.py: keep the experiences that pass MAX_HARM / MIN_BUDDHIST / MIN_ALIGNMENT
 #   4. train     train_local.py: a LoRA adapter on the selected data (METHOD=sft), on preference pairs from the
 #                same experiences (METHOD=dpo), or by online RL against the worker's scorer (METHOD=grpo)
-#   5. evaluate  test_model.py: the new adapter against the base model on the worker's held-out split
+#   5. evaluate  test_model.py: the new adapter against the base model on held-out scenarios: the local worker's
+#                held-out split, or (a real SAIGE worker) those whose text hashes into HELDOUT_FRACTION, which the
+#                collector never answers and the converter leaves out
 # Steps 2-5 repeat ITERATIONS times; every artifact lands in OUTPUT_DIR/iter-N/. Run with --help for the settings.
 set -euo pipefail
 
@@ -38,7 +40,8 @@ readonly SETTINGS=(
   "EVAL_SAMPLES|1|evaluator: answers per held-out scenario; 1 = greedy, more = sampled at EVAL_TEMPERATURE"
   "EVAL_TEMPERATURE|0.7|evaluator: sampling temperature when EVAL_SAMPLES is above 1"
   "EVAL_LIMIT||evaluate only the first N held-out scenarios (empty = all)"
-  "EVAL_SUITE||evaluator: JSON/JSONL file of held-out scenarios (with ids); needed for a worker without /api/scenarios"
+  "EVAL_SUITE||evaluator: JSON/JSONL file of held-out scenarios (with ids) instead of the held-out split"
+  "HELDOUT_FRACTION|0.25|with a worker that has no held-out split (a real SAIGE worker): share of scenarios, by a hash of their text, never trained on and evaluated from DB_PATH"
   "ITERATIONS|1|how many collect-convert-train-evaluate rounds"
   "SKIP_COLLECT|0|1 = use the experiences already in DB_PATH"
   "SKIP_TRAIN|0|1 = stop after converting (no adapter, no evaluation)"
@@ -114,6 +117,7 @@ validate() {
   number LEARNING_RATE 0 1
   number TEMPERATURE 0 100 closed
   number EVAL_TEMPERATURE 0 100
+  number HELDOUT_FRACTION 0 0.99 closed
   [[ "${DIFFICULTY}" =~ ^[1-5]$ ]] || die "DIFFICULTY=${DIFFICULTY}: must be 1 to 5"
   if [[ -n "${TRAIN_MINUTES}" ]]; then number TRAIN_MINUTES 0 10000000; fi
   [[ -z "${EVAL_LIMIT}" || "${EVAL_LIMIT}" =~ ^[1-9][0-9]{0,8}$ ]] || die "EVAL_LIMIT=${EVAL_LIMIT}: a positive integer"
@@ -241,6 +245,26 @@ start_worker() {
   done
 }
 
+# choose_split: which scenarios are never trained on. A worker that lists a held-out split of its own (the local
+# worker) keeps it; for any other worker (a real SAIGE worker) the collector, converter and evaluator agree on the
+# scenarios whose text hashes into HELDOUT_FRACTION. Decided before hours of collection and training.
+choose_split() {
+  SPLIT_FRACTION=0
+  if [[ "${SKIP_COLLECT}" == 1 && "${SKIP_EVAL}" == 1 ]] || { [[ -z "${EVAL_SUITE}" ]] && worker_lists_heldout; }; then
+    return
+  fi
+  SPLIT_FRACTION="${HELDOUT_FRACTION}"
+  if [[ -z "${EVAL_SUITE}" ]]; then
+    log "${WORKER_URL} has no held-out split of its own: holding out the scenarios whose text hashes into" \
+      "HELDOUT_FRACTION=${HELDOUT_FRACTION} (never trained on; evaluated from ${DB_PATH})"
+  fi
+  if [[ "${SKIP_EVAL}" == 0 && "${SKIP_TRAIN}" == 0 && -z "${EVAL_SUITE}" ]] \
+    && awk -v f="${HELDOUT_FRACTION}" 'BEGIN { exit !(f == 0) }'; then
+    die "${WORKER_URL} cannot list held-out scenarios (no /api/scenarios: a real SAIGE worker) and HELDOUT_FRACTION=0;" \
+      "set HELDOUT_FRACTION (e.g. 0.25), EVAL_SUITE=FILE (scenarios with their ids) or SKIP_EVAL=1"
+  fi
+}
+
 # run_step NAME LOG COMMAND...: log the exact command, run it, and name the step and its log when it fails. The
 # collector's exit 1 means "finished, but some episodes failed" (an empty answer, say): the loop goes on with the
 # episodes that were scored; any other failure stops it.
@@ -261,7 +285,7 @@ run_step() {
 
 collect() {
   local dir="$1" adapter="$2"
-  local args=(--worker-url "${WORKER_URL}" --episodes "${TRAINING_EPISODES}" --difficulty "${DIFFICULTY}"
+  local args=(--heldout-fraction "${SPLIT_FRACTION}" --worker-url "${WORKER_URL}" --episodes "${TRAINING_EPISODES}" --difficulty "${DIFFICULTY}"
     --db "${DB_PATH}" --backend "${BACKEND}" --model "${MODEL}" --samples-per-scenario "${SAMPLES_PER_SCENARIO}"
     --concurrency "${CONCURRENCY}" --temperature "${TEMPERATURE}" --max-new-tokens "${MAX_NEW_TOKENS}"
     --scenarios cover --output-jsonl "${dir}/episodes.jsonl" --resume --quiet)
@@ -272,7 +296,7 @@ collect() {
 
 convert() {
   local dir="$1"
-  local args=(--db "${DB_PATH}" --output "${dir}/train.csv" --format "${FORMAT}" --max-harm "${MAX_HARM}"
+  local args=(--db "${DB_PATH}" --heldout-fraction "${SPLIT_FRACTION}" --output "${dir}/train.csv" --format "${FORMAT}" --max-harm "${MAX_HARM}"
     --min-buddhist "${MIN_BUDDHIST}" --min-alignment "${MIN_ALIGNMENT}" --dedup)
   if [[ "${FORMAT}" == auto ]]; then args+=(--tokenizer "${MODEL}"); fi
   if [[ "${METHOD}" == dpo ]]; then args+=(--dpo-output "${dir}/pairs.jsonl"); fi
@@ -311,7 +335,13 @@ evaluate() {
   local args=(--model "${dir}/adapter" --compare "${MODEL}" --worker-url "${WORKER_URL}"
     --max-new-tokens "${MAX_NEW_TOKENS}" --report "${dir}/eval.md" --json "${dir}/eval.json"
     --plot "${dir}/eval.png" -q)
-  if [[ -n "${EVAL_SUITE}" ]]; then args+=(--suite "${EVAL_SUITE}"); else args+=(--split heldout); fi
+  if [[ -n "${EVAL_SUITE}" ]]; then
+    args+=(--suite "${EVAL_SUITE}")
+  elif [[ "${SPLIT_FRACTION}" != 0 ]]; then
+    args+=(--split heldout --db "${DB_PATH}" --heldout-fraction "${SPLIT_FRACTION}")
+  else
+    args+=(--split heldout)
+  fi
   if [[ -n "${EVAL_LIMIT}" ]]; then args+=(--limit "${EVAL_LIMIT}"); fi
   if ((EVAL_SAMPLES > 1)); then args+=(--samples "${EVAL_SAMPLES}" --temperature "${EVAL_TEMPERATURE}"); fi
   run_step evaluate "${dir}/eval.log" "${PYTHON}" "${SCRIPT_DIR}/test_model.py" "${args[@]}"
@@ -362,10 +392,7 @@ main() {
   resolve_model
   local started=${SECONDS} i adapter=""
   if [[ "${SKIP_COLLECT}" == 0 || "${SKIP_EVAL}" == 0 || "${METHOD}" == grpo ]]; then start_worker; fi
-  if [[ "${SKIP_EVAL}" == 0 && "${SKIP_TRAIN}" == 0 && -z "${EVAL_SUITE}" ]] && ! worker_lists_heldout; then
-    die "${WORKER_URL} cannot list held-out scenarios (no /api/scenarios: a real SAIGE worker); set EVAL_SUITE=FILE" \
-      "(a JSON or JSONL file of scenarios with their ids) or SKIP_EVAL=1"
-  fi
+  choose_split
   for ((i = 1; i <= ITERATIONS; i++)); do
     local dir="${OUTPUT_DIR}/iter-${i}"
     mkdir -p "${dir}"

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -213,13 +214,69 @@ def contract_only_worker(tmp_path: Path):
             yield direct, proxied
 
 
-def test_a_worker_that_cannot_list_heldout_scenarios_is_refused_before_collecting(tiny_model, tmp_path):
+def test_without_a_heldout_split_of_any_kind_the_loop_is_refused_before_collecting(tiny_model, tmp_path):
     with contract_only_worker(tmp_path) as (_, url):
-        result = pipeline(settings(tmp_path, tiny_model, WORKER_URL=url))
+        result = pipeline(settings(tmp_path, tiny_model, WORKER_URL=url, HELDOUT_FRACTION="0"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "set EVAL_SUITE=FILE" in errors[0]
+    assert len(errors) == 1 and "set HELDOUT_FRACTION" in errors[0] and "EVAL_SUITE=FILE" in errors[0]
     assert not (tmp_path / "out" / "iter-1").exists()  # refused before any collection
+
+
+@pytest.mark.slow  # a whole training run or pipeline: `make test-slow` (CI runs both)
+def test_the_loop_finishes_against_a_worker_like_the_real_one_and_never_trains_on_what_it_evaluates(
+    tiny_model, tmp_path
+):
+    """The real SAIGE worker: no /api/scenarios, no /api/score, no split; simulate-outcome stores every answer,
+    the evaluator's too. The hashed held-out split keeps the evaluation apart from training, now and next time."""
+    worker_db = tmp_path / "worker.db"
+    with start_worker(worker_db, "--strict-contract", "--seed", "7") as url:
+        assert requests.get(url + "/api/scenarios", timeout=10).status_code == 404
+        env = settings(tmp_path, tiny_model, WORKER_URL=url, BACKEND="echo", TRAINING_EPISODES="60")
+        result = pipeline({**env, "SAMPLES_PER_SCENARIO": "1", "EVAL_LIMIT": "4"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "hashes into HELDOUT_FRACTION=0.25" in result.stderr
+    it = tmp_path / "out" / "iter-1"
+    trained = {json.loads(line)["scenario"]["context"] for line in (it / "episodes.jsonl").read_text().splitlines()}
+    evaluation = json.loads((it / "eval.json").read_text())
+    evaluated = {r["context"] for rs in evaluation["results"].values() for r in rs}
+    assert evaluated and not evaluated & trained  # evaluated only on scenarios never answered for training
+    assert evaluation["config"]["db"] == env["DB_PATH"] and 1 <= evaluation["comparison"]["scenarios"] <= 4
+    # the worker stored the evaluation answers; converting its database (as after a D1 sync) leaves them out
+    answers = sqlite3.connect(worker_db).execute(
+        "SELECT s.context, e.ai_response FROM experiences e JOIN scenarios s ON s.id = e.scenario_id"
+    )
+    stored = {answer for context, answer in answers if context in evaluated}
+    assert stored  # the real worker stores what it scores
+    out = tmp_path / "next.jsonl"
+    convert = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "saige_to_sft.py"),
+            "--db",
+            str(worker_db),
+            "-o",
+            str(out),
+            "--output-format",
+            "jsonl",
+            "--layout",
+            "prompt-completion",
+            "--heldout-fraction",
+            "0.25",
+            "--max-harm",
+            "1",
+            "--min-buddhist",
+            "0",
+            "--min-alignment",
+            "low",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert convert.returncode == 0, convert.stderr
+    completions = {json.loads(line)["completion"].strip() for line in out.read_text().splitlines()}
+    assert completions and not completions & {a.strip() for a in stored}
+    assert "Held out:" in convert.stderr
 
 
 def test_eval_suite_must_be_a_file_other_than_the_database(tiny_model, tmp_path):
