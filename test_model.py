@@ -1,6 +1,6 @@
 # /// script
 # requires-python = ">=3.9"
-# dependencies = ["torch", "transformers>=5", "peft", "gguf", "requests", "numpy", "matplotlib", "tqdm"]
+# dependencies = ["torch", "transformers>=5", "peft", "gguf", "requests", "numpy", "matplotlib", "tqdm", "sacrebleu"]
 # ///
 """Evaluate a base or fine-tuned chat model on held-out SAIGE scenarios, and compare two models fairly.
 
@@ -9,9 +9,17 @@ worker score each one, and reports per-principle means, weighted score, harm, al
 and repetition. With --compare, a second model answers the same scenarios with the same decoding, and the report
 adds wins/ties/losses and a paired bootstrap 95% confidence interval of the weighted-score difference.
 
+A gain only the scorer the loop trained against can see is no gain: every answer is also judged by chrF against
+the scenario's expected_response (sacrebleu) and by any other SAIGE worker given with --judge URL, and the report
+shows the difference and its CI under every judge. The suite is the local worker's held-out split; a worker that
+cannot list one (a real SAIGE worker) needs --suite FILE, or --db saige.db: the scenarios of that database whose
+text hashes into --heldout-fraction, which collect_experiences.py and saige_to_sft.py leave out of training.
+
 Examples:
   python test_model.py --model ./saige-finetuned --compare offline --report report.md --plot results.png
   python test_model.py --model offline --split heldout --json base.json
+  python test_model.py --model ./adapter --compare offline --worker-url https://my-saige.workers.dev --db saige.db \
+      --judge http://localhost:8787        # a real worker: held-out scenarios of saige.db, a second judge
   python test_model.py --model ./saige-finetuned --prompt "I think I took my pill twice. What should I do?"
   python test_model.py --model ./saige-finetuned --fail-below 6.5      # a CI gate
 
@@ -664,19 +672,26 @@ def summarize(results: list[dict], unscored: int = 0) -> dict:
     }
 
 
-def per_scenario(results: list[dict]) -> dict[str, float]:
-    """Mean weighted score per scenario (over samples), keyed by the scenario's position in the suite."""
+def trained_score(record: dict) -> float | None:
+    """The weighted score given by the worker the loop trained against (--worker-url)."""
+    return record["outcome"]["buddhist_assessment"]["weighted_score"]
+
+
+def per_scenario(results: list[dict], value=trained_score) -> dict[str, float]:
+    """Mean of a judge's value per scenario (over samples, those it scored), keyed by the scenario's position."""
     scores: dict[str, list[float]] = {}
     for r in results:
-        scores.setdefault(r["key"], []).append(r["outcome"]["buddhist_assessment"]["weighted_score"])
+        x = value(r)
+        if x is not None:
+            scores.setdefault(r["key"], []).append(x)
     return {k: sum(v) / len(v) for k, v in scores.items()}
 
 
-def compare(results: list[dict], other: list[dict], resamples: int, seed: int) -> dict | None:
+def compare(results: list[dict], other: list[dict], resamples: int, seed: int, value=trained_score) -> dict | None:
     """Paired comparison on the same scenarios: wins/ties/losses and a bootstrap 95% CI of the mean difference."""
     import numpy as np
 
-    mine, theirs = per_scenario(results), per_scenario(other)
+    mine, theirs = per_scenario(results, value), per_scenario(other, value)
     keys = sorted(mine.keys() & theirs.keys())  # scenarios both models have a score on
     if not keys:
         return None
@@ -694,6 +709,74 @@ def compare(results: list[dict], other: list[dict], resamples: int, seed: int) -
         "ties": int((abs(diffs) <= TIE).sum()),
         "losses": int((diffs < -TIE).sum()),
     }
+
+
+# --- the judge panel ---------------------------------------------------------------------------------------
+# The worker the loop trained against can be pleased without the answers getting better (reward hacking). Other
+# judges see the same answers: more SAIGE workers (--judge URL, scoring only, never storing) and a reference metric
+# that needs no scorer at all, chrF (sacrebleu) against the scenario's expected_response, in 0..100.
+REFERENCE_JUDGE = "chrF vs expected_response"
+
+
+def judge_scores(judges: list[str], sessions, scenarios: list[dict], answers: list[str]) -> list[dict]:
+    """For each answer: {judge: weighted score or None}, from every --judge worker and the reference metric."""
+    marks: list[dict] = [{} for _ in answers]
+    for url in judges:
+        for mark, (outcome, _) in zip(marks, score_all(sessions, url, scenarios, answers, False, by_id=False)):
+            mark[url] = outcome["buddhist_assessment"]["weighted_score"] if outcome else None
+    chrf = reference_metric()
+    for mark, scenario, answer in zip(marks, scenarios, answers):
+        reference = scenario.get("expected_response")
+        if chrf and isinstance(reference, str) and reference.strip():
+            mark[REFERENCE_JUDGE] = chrf.sentence_score(answer or "", [reference]).score
+    return marks
+
+
+def reference_metric():
+    """sacrebleu's chrF, or None (with one note) when sacrebleu is not installed."""
+    try:
+        from sacrebleu.metrics import CHRF
+    except ImportError:
+        log(f"note: pip install sacrebleu to add the judge '{REFERENCE_JUDGE}'")
+        return None
+    return CHRF()
+
+
+def judge_names(results: dict[str, list[dict]], args) -> list[str]:
+    """Every judge that scored something: the trained-against worker first."""
+    seen = {name for rs in results.values() for r in rs for name, x in r.get("judges", {}).items() if x is not None}
+    return [args.worker_url, *(j for j in [*args.judge, REFERENCE_JUDGE] if j in seen)]
+
+
+def panel(results: dict[str, list[dict]], args) -> dict:
+    """Per judge: each model's mean and, with --compare, the paired comparison (difference and 95% CI)."""
+    out = {}
+    for name in judge_names(results, args):
+        value = trained_score if name == args.worker_url else (lambda r, n=name: r.get("judges", {}).get(n))
+        means = {}
+        for model, rs in results.items():
+            values = [x for x in map(value, rs) if x is not None]
+            means[model] = sum(values) / len(values) if values else None
+        entry = {"trained_against": name == args.worker_url, "scale": "0-100" if name == REFERENCE_JUDGE else "0-10"}
+        entry["means"] = means
+        if args.compare and len(results) == 2:
+            entry["comparison"] = compare(*results.values(), args.bootstrap, args.seed, value)
+        out[name] = entry
+    return out
+
+
+def panel_lines(judges: dict) -> list[str]:
+    """One line per judge: the models' means and the difference with its CI."""
+    lines = []
+    for name, entry in judges.items():
+        role = " (trained against)" if entry["trained_against"] else ""
+        means = ", ".join(f"{m} {x:.2f}" for m, x in entry["means"].items() if x is not None)
+        line = f"judge {name}{role}: {means}"
+        c = entry.get("comparison")
+        if c:
+            line += f"; difference {c['mean_difference']:+.3f} (95% CI {c['ci95'][0]:+.3f} to {c['ci95'][1]:+.3f})"
+        lines.append(line)
+    return lines
 
 
 # --- reports -----------------------------------------------------------------------------------------------
@@ -768,7 +851,7 @@ def degenerate_warning(summaries: dict[str, dict]) -> str | None:
     return None
 
 
-def markdown(summaries: dict, comparison: dict | None, results: dict[str, list[dict]], args, unscored: dict) -> str:
+def markdown(summaries: dict, comparison, results: dict[str, list[dict]], args, unscored: dict, judges: dict) -> str:
     rows = table(summaries)
     answers = len(next(iter(results.values()))) + len(next(iter(unscored.values())))
     suite = args.suite or getattr(args, "suite_from", None) or f"{args.worker_url} split {args.split}"
@@ -789,6 +872,9 @@ def markdown(summaries: dict, comparison: dict | None, results: dict[str, list[d
             lines += ["", f"**{line}** (left out of the means)"]
     if comparison:
         lines += ["", comparison_line(comparison)]
+    if len(judges) > 1:
+        lines += ["", "Every judge on the same answers (a gain only the trained-against worker sees is no gain):", ""]
+        lines += [f"- {line}" for line in panel_lines(judges)]
     warning = degenerate_warning(summaries)
     if warning:
         lines += ["", f"**{warning}**"]
@@ -885,6 +971,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="bearer token for the worker (default: $SAIGE_WORKER_TOKEN)",
     )
     p.add_argument(
+        "--judge",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="another SAIGE worker that scores the same answers (its /api/score, nothing stored); repeatable. The "
+        "report shows the difference under every judge, and chrF against expected_response when sacrebleu is "
+        "installed",
+    )
+    p.add_argument(
         "--split",
         choices=["heldout", "train"],
         default="heldout",
@@ -968,6 +1063,11 @@ def check_flags(parser: argparse.ArgumentParser, args) -> None:
     if url.scheme not in ("http", "https") or not url.netloc:
         parser.error(f"--worker-url must be an http:// or https:// URL such as {DEFAULT_WORKER_URL}")
     args.worker_url = args.worker_url.rstrip("/")
+    for url in args.judge:
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            parser.error(f"--judge must be an http:// or https:// URL of a SAIGE worker (got {url!r})")
+    args.judge = list(dict.fromkeys(u.rstrip("/") for u in args.judge if u.rstrip("/") != args.worker_url))
     if not 0 < args.heldout_fraction < 1:  # NaN fails this too
         parser.error(f"--heldout-fraction must be above 0 and below 1 (got {args.heldout_fraction})")
     if args.prompt is not None and not args.prompt.strip():
@@ -1014,9 +1114,9 @@ def evaluate_model(spec: str, base_model, scenarios: list[dict], args, sessions,
     jobs = [(i, k) for i in range(len(scenarios)) for k in range(args.samples)]
     torch.manual_seed(args.seed)
     answers = generate(model, tokenizer, template, [prompts[i] for i, _ in jobs], args, device)
-    scores = score_all(
-        sessions, args.worker_url, [scenarios[i] for i, _ in jobs], answers, store_ok, by_id=not args.suite
-    )
+    asked = [scenarios[i] for i, _ in jobs]
+    scores = score_all(sessions, args.worker_url, asked, answers, store_ok, by_id=not args.suite)
+    marks = judge_scores(args.judge, sessions, asked, answers)
     log(f"{spec}: {len(jobs)} answers in {time.monotonic() - started:.0f}s")
     return [
         {
@@ -1026,8 +1126,9 @@ def evaluate_model(spec: str, base_model, scenarios: list[dict], args, sessions,
             "context": scenarios[i]["context"],
             "answer": a,
             **({"outcome": outcome} if error is None else {"error": error}),
+            **({"judges": mark} if mark else {}),
         }
-        for (i, k), a, (outcome, error) in zip(jobs, answers, scores)
+        for (i, k), a, (outcome, error), mark in zip(jobs, answers, scores, marks)
     ]
 
 
@@ -1094,6 +1195,10 @@ def run(args) -> int:
     rows = read_suite_file(Path(args.suite)) if args.suite else None
     check_worker(sessions["store"], args.worker_url)
     store_ok = not has_score_endpoint(sessions["score"], args.worker_url)
+    for url in args.judge:  # before any generation: a judge that cannot score is refused now
+        check_worker(sessions["store"], url)
+        if not has_score_endpoint(sessions["score"], url):
+            raise CliError(f"--judge {url} has no /api/score: a judge must score without storing (a local worker)")
     if rows is None:
         rows = worker_suite(args, sessions["store"])
         if rows is None and not args.db:
@@ -1133,15 +1238,18 @@ def run(args) -> int:
             log("warning: " + unscored_line(spec, unscored[spec], len(records)) + " (left out of the means)")
     summaries = {name: summarize(rs, len(unscored[name])) for name, rs in results.items()}
     comparison = compare(*results.values(), args.bootstrap, args.seed) if args.compare else None
+    judges = panel(results, args)
     print(console(table(summaries)))
     if comparison:
         print(comparison_line(comparison))
+    if len(judges) > 1:
+        print("\n".join(panel_lines(judges)))
     warning = degenerate_warning(summaries)
     if warning:
         log(warning)
     outputs = {}
     if args.report:
-        outputs[args.report] = markdown(summaries, comparison, results, args, unscored)
+        outputs[args.report] = markdown(summaries, comparison, results, args, unscored, judges)
     if args.json_path:
         outputs[args.json_path] = json_text(
             args,
@@ -1149,6 +1257,7 @@ def run(args) -> int:
             unscored,
             summaries,
             comparison=comparison,
+            judges=judges,
             degenerate_warning=warning,
             skipped_suite_rows=skipped,
         )

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run
+from conftest import ROOT, run, start_worker
 
 sys.path.insert(0, str(ROOT))
 import saige_to_sft  # noqa: E402
@@ -94,6 +94,34 @@ def test_compare_pairs_the_same_scenarios(tiny_model, second_model, worker_url, 
     low, high = comparison["ci95"]
     assert low <= comparison["mean_difference"] <= high
     assert "95% CI" in result.stdout and "difference" in result.stdout
+
+
+def test_every_judge_scores_the_same_answers(tiny_model, second_model, worker_url, tmp_path):
+    """A second worker (--judge) and chrF against expected_response see the same answers. Here the judge runs the
+    same scorer, so it must agree exactly: scoring inline (a judge) and by id (the trained-against worker) match."""
+    out, report = tmp_path / "results.json", tmp_path / "report.md"
+    with start_worker(tmp_path / "judge.db") as judge:
+        args = ("--model", tiny_model, "--compare", second_model, "--worker-url", worker_url, "--judge", judge)
+        result = evaluate(*args, "--limit", "4", "--json", out, "--report", report, "--bootstrap", "300")
+    assert result.returncode == 0, result.stderr
+    judges = json.loads(out.read_text())["judges"]
+    assert list(judges) == [worker_url, judge, "chrF vs expected_response"]
+    trained, other, chrf = judges.values()
+    assert trained["trained_against"] and not other["trained_against"]
+    assert other["means"] == pytest.approx(trained["means"])
+    assert other["comparison"]["mean_difference"] == pytest.approx(trained["comparison"]["mean_difference"])
+    assert chrf["scale"] == "0-100" and all(0 <= x <= 100 for x in chrf["means"].values())
+    assert chrf["comparison"]["scenarios"] == 4
+    assert f"judge {judge}:" in result.stdout and "judge chrF vs expected_response:" in result.stdout
+    assert "Every judge on the same answers" in report.read_text()
+
+
+def test_a_judge_that_can_only_store_is_refused_before_generating(tiny_model, worker_url, tmp_path):
+    with start_worker(tmp_path / "real.db", "--strict-contract") as real:
+        result = evaluate("--model", tiny_model, "--worker-url", worker_url, "--judge", real, timeout=60)
+    assert result.returncode == 1 and "has no /api/score" in result.stderr and result.stderr.count("\n") == 1
+    bad = evaluate("--model", tiny_model, "--judge", "ftp://x")
+    assert bad.returncode == 2 and "--judge must be an http" in bad.stderr
 
 
 def test_heldout_split_is_the_default_suite(tiny_model, worker_url, tmp_path):
@@ -222,6 +250,9 @@ def test_help_lists_every_flag():
         "--fail-below",
         "--seed",
         "--bootstrap",
+        "--judge",
+        "--db",
+        "--heldout-fraction",
     ]:
         assert flag in result.stdout, flag
 
