@@ -41,6 +41,8 @@ readonly SETTINGS=(
   "EVAL_TEMPERATURE|0.7|evaluator: sampling temperature when EVAL_SAMPLES is above 1"
   "EVAL_LIMIT||evaluate only the first N held-out scenarios (empty = all)"
   "EVAL_SUITE||evaluator: JSON/JSONL file of held-out scenarios (with ids) instead of the held-out split"
+  "JUDGES||evaluator: more SAIGE workers (space-separated URLs with /api/score) that judge the same answers"
+  "GAIN_UNDER|trained|the summary's 'improved': trained = CI above zero under the worker trained against; all = that, and no judge's CI below zero"
   "HELDOUT_FRACTION|0.25|with a worker that has no held-out split (a real SAIGE worker): share of scenarios, by a hash of their text, never trained on and evaluated from DB_PATH"
   "ITERATIONS|1|how many collect-convert-train-evaluate rounds"
   "SKIP_COLLECT|0|1 = use the experiences already in DB_PATH"
@@ -106,6 +108,11 @@ validate() {
   [[ "${FORMAT}" =~ ^(tinyllama|mistral|llama3|chatml|auto)$ ]] \
     || die "FORMAT=${FORMAT}: use tinyllama, mistral, llama3, chatml or auto"
   [[ "${METHOD}" =~ ^(sft|dpo|grpo)$ ]] || die "METHOD=${METHOD}: use sft, dpo or grpo"
+  [[ "${GAIN_UNDER}" =~ ^(trained|all)$ ]] || die "GAIN_UNDER=${GAIN_UNDER}: use trained or all"
+  local judge
+  for judge in ${JUDGES}; do
+    [[ "${judge}" =~ ^https?://[^/]+ ]] || die "JUDGES: ${judge} is not an http:// or https:// URL of a SAIGE worker"
+  done
   local name
   for name in TRAINING_EPISODES SAMPLES_PER_SCENARIO CONCURRENCY ITERATIONS BATCH_SIZE LORA_RANK MAX_NEW_TOKENS \
     EVAL_SAMPLES; do
@@ -343,17 +350,30 @@ evaluate() {
     args+=(--split heldout)
   fi
   if [[ -n "${EVAL_LIMIT}" ]]; then args+=(--limit "${EVAL_LIMIT}"); fi
+  local judge
+  for judge in ${JUDGES}; do args+=(--judge "${judge}"); done
   if ((EVAL_SAMPLES > 1)); then args+=(--samples "${EVAL_SAMPLES}" --temperature "${EVAL_TEMPERATURE}"); fi
   run_step evaluate "${dir}/eval.log" "${PYTHON}" "${SCRIPT_DIR}/test_model.py" "${args[@]}"
 }
 
 summary_table() {
-  "${PYTHON}" - "${OUTPUT_DIR}" "${ITERATIONS}" <<'PY'
+  "${PYTHON}" - "${OUTPUT_DIR}" "${ITERATIONS}" "${GAIN_UNDER}" <<'PY'
 import json, sys
 from pathlib import Path
-out, n = Path(sys.argv[1]), int(sys.argv[2])
+out, n, gain_under = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+
+
+def improved(judges):
+    """trained: the CI under the trained-against worker is above zero; all: that, and no other judge's is below."""
+    verdicts = [(j["trained_against"], j.get("comparison")) for j in judges.values()]
+    trained = all(c and c["ci95"][0] > 0 for t, c in verdicts if t)
+    others = all(not c or c["ci95"][1] >= 0 for t, c in verdicts if not t)
+    return "yes" if trained and (gain_under == "trained" or others) else "no"
+
+
 print(f"{'iter':>4} {'examples':>8} {'train loss':>10} {'held-out score':>14} {'harm':>6} {'base score':>10} "
-      f"{'delta (95% CI)':>26}")
+      f"{'delta (95% CI)':>26} {'improved':>8}")
+panels = []
 for i in range(1, n + 1):
     d = out / f"iter-{i}"
     def load(name):
@@ -368,8 +388,17 @@ for i in range(1, n + 1):
         tuned, base = list(ev["summaries"].values())
         c = ev["comparison"]
         row += (f" {tuned['weighted_score']:>14.2f} {tuned['total_harm']:>6.3f} {base['weighted_score']:>10.2f} "
-                f"{c['mean_difference']:>+8.2f} ({c['ci95'][0]:+.2f} to {c['ci95'][1]:+.2f})")
+                f"{c['mean_difference']:>+8.2f} ({c['ci95'][0]:+.2f} to {c['ci95'][1]:+.2f})"
+                f" {improved(ev.get('judges', {})):>8}")
+        panels += [(i, name, j) for name, j in ev.get("judges", {}).items() if j.get("comparison")]
     print(row)
+if panels:
+    print(f"\ngain under every judge (GAIN_UNDER={gain_under}; a gain only the trained-against worker sees is no gain):")
+    for i, name, j in panels:
+        c = j["comparison"]
+        role = " (trained against)" if j["trained_against"] else ""
+        print(f"{i:>4}  {name}{role}: {c['mean_difference']:+.3f} (95% CI {c['ci95'][0]:+.3f} to {c['ci95'][1]:+.3f},"
+              f" scale {j['scale']})")
 PY
 }
 

@@ -230,12 +230,16 @@ def test_the_loop_finishes_against_a_worker_like_the_real_one_and_never_trains_o
     """The real SAIGE worker: no /api/scenarios, no /api/score, no split; simulate-outcome stores every answer,
     the evaluator's too. The hashed held-out split keeps the evaluation apart from training, now and next time."""
     worker_db = tmp_path / "worker.db"
-    with start_worker(worker_db, "--strict-contract", "--seed", "7") as url:
+    with start_worker(worker_db, "--strict-contract", "--seed", "7") as url, start_worker(tmp_path / "j.db") as judge:
         assert requests.get(url + "/api/scenarios", timeout=10).status_code == 404
         env = settings(tmp_path, tiny_model, WORKER_URL=url, BACKEND="echo", TRAINING_EPISODES="60")
-        result = pipeline({**env, "SAMPLES_PER_SCENARIO": "1", "EVAL_LIMIT": "4"})
+        result = pipeline({**env, "SAMPLES_PER_SCENARIO": "1", "EVAL_LIMIT": "4", "JUDGES": judge, "GAIN_UNDER": "all"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "hashes into HELDOUT_FRACTION=0.25" in result.stderr
+    # the summary shows the gain under every judge: the worker trained against, the other worker, chrF
+    gains = result.stdout.split("gain under every judge (GAIN_UNDER=all")[1]
+    assert f"{url} (trained against):" in gains and f"{judge}:" in gains and "chrF vs expected_response" in gains
+    assert result.stdout.splitlines()[1].split()[-1] in ("yes", "no")
     it = tmp_path / "out" / "iter-1"
     trained = {json.loads(line)["scenario"]["context"] for line in (it / "episodes.jsonl").read_text().splitlines()}
     evaluation = json.loads((it / "eval.json").read_text())
