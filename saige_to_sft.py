@@ -193,6 +193,107 @@ def is_heldout(context, fraction: float) -> bool:
 # --- end shared: heldout split ----------------------------------------------------------------------------
 
 
+# --- shared: d1 dump (the same in every script: edit shared_blocks/d1_dump.py, then `make sync`) -------------
+# What a `wrangler d1 export` of a SAIGE database holds: the contract's tables (and D1's own bookkeeping), their
+# indexes and their rows. Any other statement is refused: the file is data, never a script to run.
+D1_TABLES = {
+    "scenarios",
+    "experiences",
+    "causal_patterns",
+    "model_versions",
+    "sqlite_sequence",
+    "d1_migrations",
+    "scenario_splits",
+}
+D1_TABLE = r"""(?:"(?P<q>[^"]+)"|`(?P<b>[^`]+)`|\[(?P<s>[^\]]+)\]|(?P<n>\w+))"""
+D1_STATEMENTS = [
+    re.compile(pattern, re.I | re.S)
+    for pattern in (
+        r"PRAGMA\s+(?:defer_foreign_keys|foreign_keys)\s*=\s*\w+\s*;",
+        r"(?:BEGIN(?:\s+TRANSACTION)?|COMMIT|END(?:\s+TRANSACTION)?)\s*;",
+        rf"CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?{D1_TABLE}\s*\(.*\)\s*;",
+        rf"CREATE\s+(?:UNIQUE\s+)?INDEX\s+(?:IF\s+NOT\s+EXISTS\s+)?[\w\"`\[\]]+\s+ON\s+{D1_TABLE}\s*\(.*\)\s*;",
+        rf"INSERT\s+(?:OR\s+\w+\s+)?INTO\s+{D1_TABLE}\s*(?:\([^;]*?\))?\s*VALUES\s*\(.*\)\s*;",
+        rf"DELETE\s+FROM\s+{D1_TABLE}\s*;",
+        r"ANALYZE\s+sqlite_schema\s*;",
+    )
+]
+
+
+def is_sql_dump(path) -> bool:
+    """Whether --db names a SQL text file (a `wrangler d1 export`) rather than a SQLite database."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return str(path).lower().endswith(".sql")
+    if head.startswith(b"SQLite format 3\x00"):
+        return False
+    text = head.lstrip().upper()
+    return str(path).lower().endswith(".sql") or text.startswith((b"PRAGMA", b"CREATE", b"INSERT", b"BEGIN", b"--"))
+
+
+def d1_statement_ok(statement: str) -> bool:
+    for pattern in D1_STATEMENTS:
+        match = pattern.fullmatch(statement)
+        if match:
+            table = next((match.group(g) for g in "qbsn" if match.groupdict().get(g)), None)
+            return table is None or table.lower() in D1_TABLES
+    return False
+
+
+def load_d1_dump(path, target) -> int:
+    """Run a `wrangler d1 export` file into the new SQLite database `target`, one checked statement at a time;
+    returns the rows inserted. Raises ValueError with one line for anything that is not SAIGE's tables and rows."""
+    conn = sqlite3.connect(target, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = OFF")  # a scratch copy: nothing to recover if the run stops
+        conn.execute("BEGIN")
+        pending, rows, first_line = "", 0, 1
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not pending and (not line.strip() or line.lstrip().startswith("--")):
+                    first_line = number + 1
+                    continue
+                pending += line
+                if not sqlite3.complete_statement(pending):
+                    continue
+                statement, pending = pending.strip(), ""
+                if not d1_statement_ok(statement):
+                    raise ValueError(f"line {first_line}: not a SAIGE table, index or row: {statement[:60]!r}")
+                if not re.match(r"(BEGIN|COMMIT|END)\b", statement, re.I):  # one transaction of our own
+                    done = conn.execute(statement)
+                    rows += max(done.rowcount, 0) if statement[:6].upper() == "INSERT" else 0
+                first_line = number + 1
+        if pending.strip():
+            raise ValueError(f"line {first_line}: the file ends inside a statement (a truncated export?)")
+        conn.execute("COMMIT")
+        return rows
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    except sqlite3.Error as e:
+        raise ValueError(f"line {first_line}: {e}") from None
+    finally:
+        conn.close()
+
+
+def sql_dump_copy(path) -> str:
+    """A temporary SQLite copy of a SQL dump (the caller removes it); raises ValueError with one line."""
+    import tempfile
+
+    fd, target = tempfile.mkstemp(prefix="saige-d1-", suffix=".db")
+    os.close(fd)
+    try:
+        load_d1_dump(path, target)
+    except BaseException:
+        os.unlink(target)
+        raise
+    return target
+
+
+# --- end shared: d1 dump -----------------------------------------------------------------------------------
+
+
 # --- the SQL: one classification of every experience, shared by the selection and the report -------
 # A row is classified by the first rule it breaks, so the report can say how many rows each filter removed.
 # Cheap rules come first: the JSON columns are parsed only for rows that pass the harm and alignment
@@ -376,25 +477,14 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 BUSY_TIMEOUT_S = 5.0  # a worker's write holds the lock for milliseconds; a lock held longer is reported, not waited out
 
 
-def open_database(path: str) -> sqlite3.Connection:
+def open_database(real: str, shown: str | None = None) -> sqlite3.Connection:
     """Open a SAIGE database read-only and check its tables; raise CliError with a sentence if it isn't one.
-    Every later query runs in one read transaction, so the rows, the report and the sidecar see one snapshot."""
-    db = Path(path)
-    if db.is_dir():
-        raise CliError(f"--db {path} is a folder; pass the database file (e.g. --db {db / 'saige.db'})")
-    if not db.exists():
-        raise CliError(f"database not found: {path} (pass --db PATH to your saige.db)")
-    if not db.is_file():
-        raise CliError(f"--db {path} is not a regular file (a pipe or a device); pass --db PATH to your saige.db")
-    try:
-        with open(db, "rb") as f:
-            header = f.read(len(SQLITE_HEADER))
-    except OSError as e:
-        raise CliError(f"cannot read database {path} ({e.strerror}); check its permissions") from None
-    if not header:
-        raise CliError(f"{path} is an empty file, not a SQLite database; pass --db PATH to your saige.db")
-    if header != SQLITE_HEADER:
-        raise CliError(f"{path} is not a SQLite database (no SQLite header); pass --db PATH to your saige.db")
+    Every later query runs in one read transaction, so the rows, the report and the sidecar see one snapshot.
+    `shown` is the name the user gave (a SQL dump's, when `real` is its temporary copy)."""
+    path = shown or real
+    db = Path(real)
+    if path == real:  # a dump's temporary copy was made by us: it may be empty, and its tables are checked below
+        check_database_file(db, path)
     conn = sqlite3.connect(
         f"file:{quote(db.resolve().as_posix())}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None
     )
@@ -417,6 +507,25 @@ def open_database(path: str) -> sqlite3.Connection:
     conn.create_function("dedup_key", 1, dedup_key, deterministic=True)
     conn.create_function("utf8_ok", -1, utf8_ok, deterministic=True)
     return conn
+
+
+def check_database_file(db: Path, path: str) -> None:
+    """A readable SQLite file, or a CliError that says what the file is instead."""
+    if db.is_dir():
+        raise CliError(f"--db {path} is a folder; pass the database file (e.g. --db {db / 'saige.db'})")
+    if not db.exists():
+        raise CliError(f"database not found: {path} (pass --db PATH to your saige.db)")
+    if not db.is_file():
+        raise CliError(f"--db {path} is not a regular file (a pipe or a device); pass --db PATH to your saige.db")
+    try:
+        with open(db, "rb") as f:
+            header = f.read(len(SQLITE_HEADER))
+    except OSError as e:
+        raise CliError(f"cannot read database {path} ({e.strerror}); check its permissions") from None
+    if not header:
+        raise CliError(f"{path} is an empty file, not a SQLite database; pass --db PATH to your saige.db")
+    if header != SQLITE_HEADER:
+        raise CliError(f"{path} is not a SQLite database (no SQLite header); pass --db PATH to your saige.db")
 
 
 def database_problem(path: str, error: sqlite3.Error) -> str:
@@ -1068,11 +1177,30 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 def convert(args: argparse.Namespace) -> int:
     check_outputs(args)
-    conn = open_database(args.db)
+    copy = dump_copy(args.db) if is_sql_dump(args.db) else None
     try:
-        return convert_database(conn, args)
+        conn = open_database(copy or args.db, shown=args.db)
+        try:
+            return convert_database(conn, args)
+        finally:
+            conn.close()
     finally:
-        conn.close()
+        if copy:
+            os.unlink(copy)
+
+
+def dump_copy(path: str) -> str:
+    """A `wrangler d1 export` file loaded into a temporary database, converted exactly as a database file is."""
+    if os.path.isdir(path):
+        raise CliError(f"--db {path} is a folder; pass the database file or the wrangler d1 export .sql file")
+    if not os.path.isfile(path):
+        raise CliError(f"database not found: {path} (pass --db PATH to your saige.db or a wrangler d1 export .sql)")
+    try:
+        return sql_dump_copy(path)
+    except ValueError as e:
+        raise CliError(f"--db {path} is not a SAIGE export (wrangler d1 export): {e}") from None
+    except OSError as e:
+        raise CliError(f"cannot load --db {path} into a temporary database ({e.strerror or e})") from None
 
 
 def convert_database(conn: sqlite3.Connection, args: argparse.Namespace) -> int:

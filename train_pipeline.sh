@@ -13,7 +13,7 @@ set -euo pipefail
 
 # name|default|meaning -- the single list that --help prints, so the two cannot drift apart
 readonly SETTINGS=(
-  "DB_PATH|../saige.db|SAIGE SQLite database; created with the scenario bank when missing (local worker)"
+  "DB_PATH|../saige.db|SAIGE SQLite database (created with the scenario bank when missing), or a wrangler d1 export .sql file (read only: needs SKIP_COLLECT=1)"
   "WORKER_URL|http://localhost:8787|SAIGE worker; on localhost a local worker is started when none answers"
   "TRAINING_EPISODES|50|episodes to collect per iteration (each scenario asked SAMPLES_PER_SCENARIO times)"
   "MAX_HARM|0.25|converter: keep experiences with harm at most this (0..1)"
@@ -140,6 +140,10 @@ validate() {
   if [[ -n "${MODEL}" && ("${MODEL}" =~ ^[/.~] || "${MODEL}" == *.gguf) && ! -e "${MODEL}" ]]; then
     die "MODEL=${MODEL}: no such file or folder; set MODEL to a model folder, a .gguf file or a hub id"
   fi
+  if [[ "${DB_PATH}" == *.[sS][qQ][lL] && "${SKIP_COLLECT}" == 0 ]]; then
+    die "DB_PATH=${DB_PATH} is a SQL export (wrangler d1 export): it is read, never written; set SKIP_COLLECT=1 to" \
+      "train on its experiences, or give a .db file to collect into"
+  fi
   if [[ -n "${EVAL_SUITE}" ]]; then
     [[ -f "${EVAL_SUITE}" ]] || die "EVAL_SUITE=${EVAL_SUITE}: no such file; give a JSON or JSONL file of scenarios"
     [[ ! "${EVAL_SUITE}" -ef "${DB_PATH}" ]] || die "EVAL_SUITE=${EVAL_SUITE} is the database DB_PATH; give a scenario file"
@@ -240,6 +244,8 @@ start_worker() {
   [[ "${WORKER_URL}" =~ ^http://(localhost|127\.0\.0\.1):([0-9]+)/?$ ]] \
     || die "no SAIGE worker answers at ${WORKER_URL} (a local worker is started only for a localhost URL)"
   local port="${BASH_REMATCH[2]}"
+  [[ "${DB_PATH}" != *.[sS][qQ][lL] ]] \
+    || die "no SAIGE worker answers at ${WORKER_URL}, and a local one cannot run on the SQL export DB_PATH=${DB_PATH}"
   log "no worker at ${WORKER_URL}: starting the local saige_worker.py on ${DB_PATH}"
   "${PYTHON}" "${SCRIPT_DIR}/saige_worker.py" --db "${DB_PATH}" --init --host 127.0.0.1 --port "${port}" --quiet \
     >"${TMP_DIR}/worker.out" 2>"${OUTPUT_DIR}/worker.log" &

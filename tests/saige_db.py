@@ -215,6 +215,31 @@ def build_demo(path: str | Path, n_experiences: int = 200, seed: int = 0) -> Non
     conn.close()
 
 
+def wrangler_export(db: str | Path, target: str | Path) -> None:
+    """Write `db` as `wrangler d1 export` does (miniflare's dumpSql): the foreign-key pragma, each table as CREATE
+    TABLE IF NOT EXISTS and its rows as INSERTs naming every column with quote()d values, sqlite_sequence last, then
+    the indexes."""
+    conn = sqlite3.connect(db)
+    out = ["PRAGMA defer_foreign_keys=TRUE;"]
+    tables = conn.execute(
+        "SELECT name, sql FROM sqlite_schema WHERE type = 'table' AND sql NOT NULL"
+        " ORDER BY tbl_name = 'sqlite_sequence', rowid"
+    ).fetchall()
+    for name, sql in tables:
+        if name == "sqlite_sequence":
+            out.append("DELETE FROM sqlite_sequence;")
+        else:
+            out.append(("CREATE TABLE IF NOT EXISTS " + sql[13:] if sql.startswith("CREATE TABLE ") else sql) + ";")
+        columns = [r[1] for r in conn.execute(f'PRAGMA table_info("{name}")')]
+        names = ",".join(f'"{c}"' for c in columns)
+        values = ",".join(f'quote("{c}")' for c in columns)
+        for row in conn.execute(f'SELECT {values} FROM "{name}"'):
+            out.append(f'INSERT INTO "{name}" ({names}) VALUES({",".join(row)});')
+    out += [f"{sql};" for (sql,) in conn.execute("SELECT sql FROM sqlite_schema WHERE type = 'index' AND sql NOT NULL")]
+    conn.close()
+    Path(target).write_text("\n".join(out) + "\n", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", help="database file to create")

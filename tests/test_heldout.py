@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import saige_db
 from conftest import ROOT, run, start_worker
 
 sys.path.insert(0, str(ROOT / "shared_blocks"))
@@ -144,6 +145,20 @@ def test_the_evaluator_builds_its_suite_from_the_database_when_the_worker_cannot
     refused = run("test_model.py", *base)
     assert refused.returncode == 1 and "pass --suite FILE, or --db saige.db" in refused.stderr
     assert refused.stderr.count("\n") == 1
+
+
+def test_the_evaluator_reads_a_d1_export_as_its_database(strict, tiny_model, tmp_path):
+    url, folder, _ = strict
+    export = tmp_path / "saige-export.sql"
+    saige_db.wrangler_export(folder / "local.db", export)
+    suites = {}
+    for db in (folder / "local.db", export):
+        report = tmp_path / f"{db.name}.json"
+        args = ("--model", tiny_model, "--worker-url", url, "--max-new-tokens", "2", "-q", "--limit", "2")
+        result = run("test_model.py", *args, "--db", db, "--json", report, timeout=300)
+        assert result.returncode == 0, result.stderr
+        suites[db.name] = [r["context"] for r in next(iter(json.loads(report.read_text())["results"].values()))]
+    assert suites["local.db"] == suites["saige-export.sql"] and len(suites["local.db"]) == 2
 
 
 @pytest.mark.parametrize(
