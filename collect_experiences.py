@@ -276,8 +276,32 @@ def is_heldout(context, fraction: float) -> bool:
     held out at one fraction stays held out at any larger one."""
     if fraction <= 0 or not isinstance(context, str):
         return False
-    digest = hashlib.sha256(b"saige-heldout\0" + " ".join(context.split()).encode("utf-8", "replace")).digest()
+    digest = hashlib.sha256(b"saige-heldout\0" + fold(context).encode("utf-8", "replace")).digest()
     return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+def fold(context) -> str:
+    """A scenario's text as the split sees it: whitespace folded."""
+    return " ".join(str(context).split())
+
+
+def suite_contexts(path) -> set[str]:
+    """The folded contexts of a JSON array or JSONL file of scenarios (the evaluator's --suite), to hold out too.
+    Raises ValueError with one line when the file is not that."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        rows = (
+            json.loads(text)
+            if text.lstrip().startswith("[")
+            else [json.loads(x) for x in text.splitlines() if x.strip()]
+        )
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"cannot read the scenarios of {path} ({str(e).splitlines()[0][:80]})") from None
+    found = {fold(r["context"]) for r in rows if isinstance(r, dict) and isinstance(r.get("context"), str)}
+    if not found:
+        raise ValueError(f"{path} holds no scenario with a context")
+    return found
 
 
 # --- end shared: heldout split ----------------------------------------------------------------------------
@@ -378,6 +402,7 @@ class WorkerClient:
         self.local = threading.local()
         self.deck, self.deck_lock = None, threading.Lock()  # --scenarios cover: the scenarios, dealt in turn
         self.heldout_fraction = 0.0  # --heldout-fraction: scenarios kept for evaluation are never answered ...
+        self.heldout_suite: set = set()  # --heldout-suite: these contexts too
         self.heldout: dict = {}  # ... but remembered (id -> scenario), so --db holds them for the evaluator
         self.heldout_draws = 0  # random draws that were held out (not an episode: drawn again)
 
@@ -430,7 +455,9 @@ class WorkerClient:
 
     def held_out(self, scenario: dict) -> bool:
         """Whether a scenario is kept for evaluation (--heldout-fraction); if so, it is remembered."""
-        if not is_heldout(scenario["context"], self.heldout_fraction):
+        if not is_heldout(scenario["context"], self.heldout_fraction) and fold(scenario["context"]) not in (
+            self.heldout_suite
+        ):
             return False
         with self.deck_lock:
             self.heldout.setdefault(scenario["id"], scenario)
@@ -2022,6 +2049,11 @@ def build_parser() -> argparse.ArgumentParser:
         "again, and their rows still go to --db so the evaluator can find them (default: %(default)s)",
     )
     w.add_argument(
+        "--heldout-suite",
+        metavar="FILE",
+        help="never answer the scenarios of this JSON/JSONL file either (the evaluator's --suite), matched by text",
+    )
+    w.add_argument(
         "--difficulty",
         type=int,
         choices=range(1, 6),
@@ -2174,6 +2206,10 @@ def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     problem = problem or db_problem(args.db) or jsonl_problem(args.output_jsonl, args.resume)
     if problem:
         p.error(problem)
+    try:
+        args.heldout_contexts = suite_contexts(args.heldout_suite) if args.heldout_suite else set()
+    except ValueError as e:
+        p.error(f"--heldout-suite: {e}")
 
 
 def url_problem(url: str) -> str | None:
@@ -2219,6 +2255,8 @@ def inputs_of(args: argparse.Namespace) -> dict:
             for entry in os.scandir(path):
                 if entry.is_file():
                     inputs[f"{flag}'s {entry.name}"] = entry.path
+    if args.heldout_suite:
+        inputs["--heldout-suite"] = args.heldout_suite
     return inputs
 
 
@@ -2408,7 +2446,7 @@ def run(args: argparse.Namespace) -> int:
     health = WorkerClient(args.worker_url, args.worker_token, args.timeout, min(args.retries, 2)).health()
     check_worker_db_clash(args, health)
     worker = WorkerClient(args.worker_url, args.worker_token, args.timeout, args.retries)
-    worker.heldout_fraction = args.heldout_fraction
+    worker.heldout_fraction, worker.heldout_suite = args.heldout_fraction, args.heldout_contexts
     if args.scenarios == "cover" and not worker.deal_scenarios(args.difficulty, args.seed):
         print(
             f"{PROG}: warning: {args.worker_url} cannot list its scenarios (GET /api/scenarios, a local worker "

@@ -186,8 +186,32 @@ def is_heldout(context, fraction: float) -> bool:
     held out at one fraction stays held out at any larger one."""
     if fraction <= 0 or not isinstance(context, str):
         return False
-    digest = hashlib.sha256(b"saige-heldout\0" + " ".join(context.split()).encode("utf-8", "replace")).digest()
+    digest = hashlib.sha256(b"saige-heldout\0" + fold(context).encode("utf-8", "replace")).digest()
     return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+def fold(context) -> str:
+    """A scenario's text as the split sees it: whitespace folded."""
+    return " ".join(str(context).split())
+
+
+def suite_contexts(path) -> set[str]:
+    """The folded contexts of a JSON array or JSONL file of scenarios (the evaluator's --suite), to hold out too.
+    Raises ValueError with one line when the file is not that."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        rows = (
+            json.loads(text)
+            if text.lstrip().startswith("[")
+            else [json.loads(x) for x in text.splitlines() if x.strip()]
+        )
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"cannot read the scenarios of {path} ({str(e).splitlines()[0][:80]})") from None
+    found = {fold(r["context"]) for r in rows if isinstance(r, dict) and isinstance(r.get("context"), str)}
+    if not found:
+        raise ValueError(f"{path} holds no scenario with a context")
+    return found
 
 
 # --- end shared: heldout split ----------------------------------------------------------------------------
@@ -391,14 +415,15 @@ def classified_sql(args: argparse.Namespace) -> str:
     return CLASSIFIED_SQL.replace("{scope}", scope_sql(args)).replace("{heldout}", heldout)
 
 
-def mark_heldout(conn: sqlite3.Connection, fraction: float) -> int:
+def mark_heldout(conn: sqlite3.Connection, fraction: float, suite: set) -> int:
     """Fill temp.heldout with the scenarios never to train on: those whose context hashes into the held-out
     fraction, and those the local worker keeps for evaluation (its scenario_splits table); returns how many."""
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS heldout (id INTEGER PRIMARY KEY)")
-    if fraction > 0:
+    if fraction > 0 or suite:
         # as bytes: a context of invalid UTF-8 must not stop the run here (its rows are counted as 'encoding')
         rows = conn.execute("SELECT id, CAST(context AS BLOB) FROM scenarios WHERE typeof(context) = 'text'").fetchall()
-        held = [(i,) for i, text in rows if is_heldout(bytes(text).decode("utf-8", "replace"), fraction)]
+        texts = ((i, bytes(text).decode("utf-8", "replace")) for i, text in rows)
+        held = [(i,) for i, text in texts if is_heldout(text, fraction) or fold(text) in suite]
         conn.executemany("INSERT OR IGNORE INTO temp.heldout VALUES (?)", held)
     if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'scenario_splits'").fetchone():
         conn.execute(
@@ -945,6 +970,7 @@ def sidecar(args, template, funnel: Counter, counts: Counter, conn) -> dict:
                 "clean",
                 "include_gold",
                 "heldout_fraction",
+                "heldout_suite",
             )
         },
         "heldout_scenarios": args.heldout_scenarios,
@@ -1070,6 +1096,11 @@ def build_parser() -> argparse.ArgumentParser:
         "held-out scenarios are always left out (default: %(default)s)",
     )
     sel.add_argument(
+        "--heldout-suite",
+        metavar="FILE",
+        help="leave out the scenarios of this JSON/JSONL file too (the evaluator's --suite), matched by text",
+    )
+    sel.add_argument(
         "--best-per-scenario",
         type=positive_int,
         metavar="K",
@@ -1132,6 +1163,10 @@ def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     clash = path_clash(output_paths(args), input_paths(args))
     if clash:
         p.error(clash)
+    try:
+        args.heldout_contexts = suite_contexts(args.heldout_suite) if args.heldout_suite else set()
+    except ValueError as e:
+        p.error(f"--heldout-suite: {e}")
 
 
 def encodable(text: str) -> bool:
@@ -1157,6 +1192,8 @@ def input_paths(args: argparse.Namespace) -> dict:
     paths = {"--db": args.db, **{f"--db ({kind})": f"{args.db}-{kind}" for kind in ("wal", "shm", "journal")}}
     if args.tokenizer and os.path.isfile(args.tokenizer):
         paths["--tokenizer"] = args.tokenizer
+    if args.heldout_suite:
+        paths["--heldout-suite"] = args.heldout_suite
     return paths
 
 
@@ -1209,7 +1246,7 @@ def convert_database(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
         template = (*template[:2], DEFAULT_SYSTEM_PROMPT)
     funnel = count_stages(conn)
     started = time.monotonic()
-    args.heldout_scenarios = mark_heldout(conn, args.heldout_fraction)
+    args.heldout_scenarios = mark_heldout(conn, args.heldout_fraction, args.heldout_contexts)
     selected = conn.execute(selection_sql(args), sql_params(args))
     first = selected.fetchone()  # the ORDER BY makes SQLite scan every row first, so the funnel is complete
     if first is None:

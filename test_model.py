@@ -159,8 +159,32 @@ def is_heldout(context, fraction: float) -> bool:
     held out at one fraction stays held out at any larger one."""
     if fraction <= 0 or not isinstance(context, str):
         return False
-    digest = hashlib.sha256(b"saige-heldout\0" + " ".join(context.split()).encode("utf-8", "replace")).digest()
+    digest = hashlib.sha256(b"saige-heldout\0" + fold(context).encode("utf-8", "replace")).digest()
     return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+def fold(context) -> str:
+    """A scenario's text as the split sees it: whitespace folded."""
+    return " ".join(str(context).split())
+
+
+def suite_contexts(path) -> set[str]:
+    """The folded contexts of a JSON array or JSONL file of scenarios (the evaluator's --suite), to hold out too.
+    Raises ValueError with one line when the file is not that."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        rows = (
+            json.loads(text)
+            if text.lstrip().startswith("[")
+            else [json.loads(x) for x in text.splitlines() if x.strip()]
+        )
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"cannot read the scenarios of {path} ({str(e).splitlines()[0][:80]})") from None
+    found = {fold(r["context"]) for r in rows if isinstance(r, dict) and isinstance(r.get("context"), str)}
+    if not found:
+        raise ValueError(f"{path} holds no scenario with a context")
+    return found
 
 
 # --- end shared: heldout split ----------------------------------------------------------------------------

@@ -40,7 +40,7 @@ readonly SETTINGS=(
   "EVAL_SAMPLES|1|evaluator: answers per held-out scenario; 1 = greedy, more = sampled at EVAL_TEMPERATURE"
   "EVAL_TEMPERATURE|0.7|evaluator: sampling temperature when EVAL_SAMPLES is above 1"
   "EVAL_LIMIT||evaluate only the first N held-out scenarios (empty = all)"
-  "EVAL_SUITE||evaluator: JSON/JSONL file of held-out scenarios (with ids) instead of the held-out split"
+  "EVAL_SUITE||evaluator: JSON/JSONL file of held-out scenarios (with ids) instead of the held-out split; never trained on"
   "JUDGES||evaluator: more SAIGE workers (space-separated URLs with /api/score) that judge the same answers"
   "GAIN_UNDER|trained|the summary's 'improved': trained = CI above zero under the worker trained against; all = that, and no judge's CI below zero"
   "HELDOUT_FRACTION|0.25|with a worker that has no held-out split (a real SAIGE worker): share of scenarios, by a hash of their text, never trained on and evaluated from DB_PATH"
@@ -303,6 +303,7 @@ collect() {
     --concurrency "${CONCURRENCY}" --temperature "${TEMPERATURE}" --max-new-tokens "${MAX_NEW_TOKENS}"
     --scenarios cover --output-jsonl "${dir}/episodes.jsonl" --resume --quiet)
   if [[ -n "${adapter}" ]]; then args+=(--adapter "${adapter}"); fi
+  if [[ -n "${EVAL_SUITE}" ]]; then args+=(--heldout-suite "${EVAL_SUITE}"); fi
   if [[ -n "${SEED}" ]]; then args+=(--seed "${SEED}"); fi
   run_step collect "${dir}/collect.log" "${PYTHON}" "${SCRIPT_DIR}/collect_experiences.py" "${args[@]}"
 }
@@ -314,6 +315,7 @@ convert() {
   if [[ "${FORMAT}" == auto ]]; then args+=(--tokenizer "${MODEL}"); fi
   if [[ "${METHOD}" == dpo ]]; then args+=(--dpo-output "${dir}/pairs.jsonl"); fi
   if [[ -n "${BEST_PER_SCENARIO}" ]]; then args+=(--best-per-scenario "${BEST_PER_SCENARIO}"); fi
+  if [[ -n "${EVAL_SUITE}" ]]; then args+=(--heldout-suite "${EVAL_SUITE}"); fi
   if [[ "${TRIM_UNFINISHED}" == 1 ]]; then args+=(--trim-unfinished); fi
   log "convert: ${PYTHON} saige_to_sft.py ${args[*]}"
   local status=0

@@ -161,6 +161,41 @@ def test_the_evaluator_reads_a_d1_export_as_its_database(strict, tiny_model, tmp
     assert suites["local.db"] == suites["saige-export.sql"] and len(suites["local.db"]) == 2
 
 
+def test_an_evaluation_suite_file_is_held_out_too(tmp_path):
+    """EVAL_SUITE's scenarios: the collector never answers them and the converter leaves them out."""
+    suite_rows = [s for s in BANK if s.get("split") != "heldout" and not is_heldout(s["context"], 0.25)][:30]
+    suite = tmp_path / "suite.jsonl"
+    suite.write_text("".join(json.dumps({**s, "context": "  " + s["context"]}) + "\n" for s in suite_rows))
+    contexts_of_suite = {s["context"] for s in suite_rows}
+    with start_worker(tmp_path / "worker.db", "--strict-contract", "--seed", "5") as url:
+        summary = collect(url, "--episodes", "40", "--heldout-suite", suite, "--db", tmp_path / "local.db")
+        everything = collect(url, "--episodes", "60", "--db", tmp_path / "all.db")
+    answered = contexts(
+        tmp_path / "local.db", "SELECT s.context FROM experiences e JOIN scenarios s ON s.id = e.scenario_id"
+    )
+    assert summary["scored"] == 40 and not set(answered) & contexts_of_suite
+    assert summary["heldout"]["scenarios_seen"] > 0
+    assert everything["scored"] == 60
+    out = tmp_path / "out.jsonl"
+    loose = ("--max-harm", "1", "--min-buddhist", "0", "--min-alignment", "low", "--output-format", "jsonl")
+    args = ("--db", tmp_path / "all.db", "-o", out, "--layout", "messages", *loose, "--heldout-suite", suite)
+    result = run("saige_to_sft.py", *args)
+    assert result.returncode == 0, result.stderr
+    users = [json.loads(x)["messages"][1]["content"] for x in out.read_text().splitlines()]
+    assert users and not any(c in u for u in users for c in contexts_of_suite)
+    assert json.loads(Path(f"{out}.meta.json").read_text())["counts"]["removed_heldout"] > 0
+
+
+@pytest.mark.parametrize("script", ["saige_to_sft.py", "collect_experiences.py"])
+def test_a_heldout_suite_that_is_not_scenarios_is_one_line(script, tmp_path):
+    bad = tmp_path / "suite.json"
+    bad.write_text("[1, 2")
+    extra = {"saige_to_sft.py": ("--db", tmp_path / "none.db")}
+    result = run(script, "--heldout-suite", bad, *extra.get(script, ()))
+    assert result.returncode == 2 and "--heldout-suite: cannot read the scenarios of" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize(
     ("script", "value", "message"),
     [

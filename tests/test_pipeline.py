@@ -304,3 +304,5 @@ def test_eval_suite_lets_the_loop_finish_against_a_worker_without_extras(tiny_mo
     assert result.returncode == 0, result.stderr[-3000:]
     evaluation = json.loads((tmp_path / "out" / "iter-1" / "eval.json").read_text())
     assert evaluation["config"]["suite"] == str(suite) and 1 <= evaluation["comparison"]["scenarios"] <= 4
+    episodes = (tmp_path / "out" / "iter-1" / "episodes.jsonl").read_text().splitlines()
+    assert not {json.loads(x)["scenario"]["context"] for x in episodes} & {s["context"] for s in heldout}
