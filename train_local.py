@@ -493,10 +493,22 @@ def connect_worker(args) -> ScoringClient:
     import requests
 
     url = args.worker_url.rstrip("/")
+    token = args.worker_token or os.environ.get("SAIGE_WORKER_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:  # no retries here: an unreachable worker should fail in a second, like the collector
-        requests.get(f"{url}/api/stats", timeout=args.worker_timeout).raise_for_status()
+        stats = requests.get(f"{url}/api/stats", headers=headers, timeout=args.worker_timeout)
+        if stats.status_code in (401, 403):
+            raise CliError(
+                f"the SAIGE worker at {url} refused the request (HTTP {stats.status_code}): pass its token with "
+                "--worker-token or $SAIGE_WORKER_TOKEN",
+                EXIT_WORKER,
+            )
+        stats.raise_for_status()
         probe = requests.post(
-            f"{url}/api/score", json={"scenario": {"context": "Hi"}, "response": "Hello"}, timeout=args.worker_timeout
+            f"{url}/api/score",
+            json={"scenario": {"context": "Hi"}, "response": "Hello"},
+            headers=headers,
+            timeout=args.worker_timeout,
         )
     except requests.RequestException as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -515,7 +527,6 @@ def connect_worker(args) -> ScoringClient:
         )
     if storing:
         log(f"scoring with {url}/api/simulate-outcome: every sampled answer is stored (--allow-storing-rewards)")
-    token = args.worker_token or os.environ.get("SAIGE_WORKER_TOKEN")
     return ScoringClient(url, token, args.worker_timeout, args.worker_retries, storing, args.worker_concurrency)
 
 

@@ -218,6 +218,20 @@ def test_grpo_refuses_a_worker_that_can_only_score_by_storing(tiny_model, tmp_pa
     assert "no non-storing scoring endpoint" in result.stderr and "--allow-storing-rewards" in result.stderr
 
 
+def test_grpo_sends_the_worker_token_when_it_probes_the_worker(tiny_model, tmp_path):
+    """The probe once went without the token, so a worker started with --token looked unreachable (exit 3)."""
+    with start_worker(tmp_path / "w.db", "--token", "s3cret", "--strict-contract") as url:
+        base = ("--method", "grpo", "--worker-url", url)
+        right = train(tiny_model, tmp_path / "o", *base, "--worker-token", "s3cret")
+        wrong = train(tiny_model, tmp_path / "o", *base, "--worker-token", "nope")
+    # with the token the probe gets through, and finds a worker that can only score by storing
+    assert right.returncode == 2 and "no non-storing scoring endpoint" in right.stderr
+    assert (
+        wrong.returncode == 3 and "refused the request (HTTP 401)" in wrong.stderr and "--worker-token" in wrong.stderr
+    )
+    assert len(wrong.stderr.strip().splitlines()) == 1
+
+
 def test_grpo_with_the_worker_unreachable_exits_3_in_one_line(tiny_model, tmp_path):
     result = train(tiny_model, tmp_path / "o", "--method", "grpo", "--worker-url", "http://127.0.0.1:9")
     assert result.returncode == 3
