@@ -307,6 +307,19 @@ def suite_contexts(path) -> set[str]:
 # --- end shared: heldout split ----------------------------------------------------------------------------
 
 
+# --- shared: prompt encoding (the same in every script: edit shared_blocks/prompt_encoding.py, then `make sync`) -
+def encode_prompts(tokenizer, texts: list[str], from_sidecar: bool):
+    """Padded token ids of rendered prompts, with the beginning-of-sequence token exactly as in training. A chat
+    template writes BOS into the text itself; the converter's sidecar template does not, and the trainer's tokenizer
+    adds it, so it is added here too, never twice."""
+    bos = tokenizer.bos_token
+    add = from_sidecar and not (bos and texts and texts[0].startswith(bos))
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add)
+
+
+# --- end shared: prompt encoding ---------------------------------------------------------------------------
+
+
 # --- prompts -----------------------------------------------------------------------------------------------
 def user_turn(context: str, person_state: dict) -> str:
     """The scenario as the user's message, with a note of the person's state when it matters (contract)."""
@@ -908,10 +921,7 @@ class TransformersBackend:
     def generate(self, prompts: list[dict]) -> list[tuple[str, int | None]]:
         torch = self.torch
         texts = [self.render(p["messages"]) for p in prompts]
-        bos = self.tokenizer.bos_token
-        # Chat templates write the BOS themselves; a sidecar template may not (the tokenizer then adds it).
-        add_special = bool(self.meta) and not (bos and texts[0].startswith(bos))
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
+        batch = encode_prompts(self.tokenizer, texts, from_sidecar=bool(self.meta))
         batch = {k: v.to(self.device) for k, v in batch.items()}
         sampling = self.args.temperature > 0
         with torch.inference_mode(), out_of_memory_hint(torch, len(prompts)):

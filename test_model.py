@@ -291,6 +291,19 @@ def sql_dump_copy(path) -> str:
 # --- end shared: d1 dump -----------------------------------------------------------------------------------
 
 
+# --- shared: prompt encoding (the same in every script: edit shared_blocks/prompt_encoding.py, then `make sync`) -
+def encode_prompts(tokenizer, texts: list[str], from_sidecar: bool):
+    """Padded token ids of rendered prompts, with the beginning-of-sequence token exactly as in training. A chat
+    template writes BOS into the text itself; the converter's sidecar template does not, and the trainer's tokenizer
+    adds it, so it is added here too, never twice."""
+    bos = tokenizer.bos_token
+    add = from_sidecar and not (bos and texts and texts[0].startswith(bos))
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add)
+
+
+# --- end shared: prompt encoding ---------------------------------------------------------------------------
+
+
 # --- the suite ---------------------------------------------------------------------------------------------
 def worker_session(token: str | None, retry_posts: bool):
     """A session that retries what is safe to retry: GETs, connections never made, and POSTs only when they store
@@ -623,9 +636,7 @@ def generate(model, tokenizer, template, prompts: list[str], args, device: str) 
     answers = []
     batches = range(0, len(prompts), args.batch_size)
     for start in tqdm(batches, desc="Generating", unit="batch", disable=args.quiet or None, file=sys.stderr):
-        batch = tokenizer(
-            prompts[start : start + args.batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-        ).to(device)
+        batch = encode_prompts(tokenizer, prompts[start : start + args.batch_size], template is not None).to(device)
         sampling = (
             {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
             if args.temperature

@@ -222,6 +222,26 @@ def test_samples_need_temperature(tiny_model):
     assert result.returncode == 2 and "--temperature" in result.stderr
 
 
+def test_a_sidecar_prompt_gets_the_bos_token_training_gave_it(tiny_model):
+    """The converter's templates carry no BOS and the trainer's tokenizer adds one; the evaluator once never added
+    it, so for tokenizers that add BOS (Llama, Mistral, TinyLlama) it prompted differently from training."""
+    import inspect
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    prompt = "[INST] I feel lost. [/INST]"
+    trained = tok(prompt)["input_ids"]  # what SFTTrainer saw: the tokenizer's own special tokens
+    assert trained[0] == bos
+    assert test_model.encode_prompts(tok, [prompt], from_sidecar=True)["input_ids"][0].tolist() == trained
+    assert test_model.encode_prompts(tok, ["<s>" + prompt], from_sidecar=True)["input_ids"][0].tolist() == trained
+    assert test_model.encode_prompts(tok, [prompt], from_sidecar=False)["input_ids"][0].tolist() == trained[1:]
+    assert "encode_prompts(" in inspect.getsource(test_model.generate)
+
+
 def test_prompt_matches_the_converter():
     assert test_model.DEFAULT_SYSTEM_PROMPT == saige_to_sft.DEFAULT_SYSTEM_PROMPT
     state = {"vulnerability": "high", "mood": "anxious"}

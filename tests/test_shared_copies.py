@@ -11,6 +11,7 @@ EXPECTED = {  # block -> the scripts that must carry it
     "safe paths": {"saige_to_sft.py", "collect_experiences.py", "test_model.py", "train_local.py"},
     "heldout split": {"saige_to_sft.py", "collect_experiences.py", "test_model.py"},
     "d1 dump": {"saige_to_sft.py", "test_model.py"},
+    "prompt encoding": {"collect_experiences.py", "test_model.py"},
 }
 
 
