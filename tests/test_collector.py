@@ -614,3 +614,26 @@ def test_default_offline_smollm2_collects(worker, tmp_path):
     summary = summary_of(result)
     assert summary["scored"] + summary["failures"].get("empty answer (not posted)", 0) == 4
     assert len(lines_of(log)) == summary["scored"] == count(worker.db) >= 1
+
+
+@pytest.mark.slow  # loads the real SmolLM2-135M
+def test_model_offline_means_the_offline_smollm2_as_in_the_other_scripts(shared_worker, tmp_path):
+    result = run(
+        "collect_experiences.py",
+        "--worker-url",
+        shared_worker.url,
+        "--backend",
+        "transformers",
+        "--model",
+        "offline",
+        "--episodes",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--quiet",
+        "--json",
+        timeout=300,
+    )
+    assert result.returncode in (0, 1), result.stderr  # 1: a 4-token answer may be empty
+    assert "--model offline; using the offline SmolLM2-135M-Instruct" in result.stderr
+    assert json.loads(result.stdout)["model"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -12,6 +12,7 @@ EXPECTED = {  # block -> the scripts that must carry it
     "heldout split": {"saige_to_sft.py", "collect_experiences.py", "test_model.py"},
     "d1 dump": {"saige_to_sft.py", "test_model.py"},
     "prompt encoding": {"collect_experiences.py", "test_model.py"},
+    "offline model": {"collect_experiences.py", "test_model.py", "train_local.py"},
 }
 
 
