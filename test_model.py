@@ -23,9 +23,11 @@ Examples:
   python test_model.py --model ./saige-finetuned --prompt "I think I took my pill twice. What should I do?"
   python test_model.py --model ./saige-finetuned --fail-below 6.5      # a CI gate
 
-Exit codes: 0 evaluated; 1 bad input (a model or suite that is missing or unusable), worker unreachable, too
-many answers that could not be scored, or weighted score below --fail-below; 2 usage error (a flag out of range,
-an output that is an input or another output, an output folder that is missing or not writable); 130 interrupted.
+Exit codes: 0 evaluated; 1 bad input (a model or suite that is missing or unusable), the worker stopped answering
+mid-run, too many answers that could not be scored, or weighted score below --fail-below; 2 usage error (a flag out
+of range, an output that is an input or another output, an output folder that is missing or not writable); 3 a
+worker (--worker-url or a --judge) unreachable or refusing the token at start, as in the other scripts; 130
+interrupted.
 
 Safety: every flag, path and model is checked before a model loads or the worker is called; outputs are written
 whole (temp file beside each, then renamed) or not at all, and never over an input. A worker without /api/score
@@ -68,7 +70,7 @@ PRINCIPLES = ["ahimsa", "sacca", "karuna", "panna", "upekkha"]
 HARMS = ["deception", "harshness", "omission", "manipulation"]
 ALIGNMENTS = ["excellent", "good", "moderate", "low"]
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_WORKER, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 # Limits on flags: far above any real use, low enough that a typo fails at once instead of after hours of work.
 MAX_SAMPLES = 1_000
@@ -82,7 +84,11 @@ WORKER_GONE = "worker unreachable"
 
 
 class CliError(Exception):
-    """An expected failure, reported as one line on stderr."""
+    """An expected failure, reported as one line on stderr; exits with `code`."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
 
 
 def log(message: str) -> None:
@@ -359,12 +365,15 @@ def check_worker(session, url: str) -> None:
         response = session.get(f"{url}/api/stats", timeout=10)
     except requests.RequestException:
         raise CliError(
-            f"no SAIGE worker answers at {url}; start the local one with: python saige_worker.py --db ./saige.db --init"
+            f"no SAIGE worker answers at {url}; start the local one with: "
+            "python saige_worker.py --db ./saige.db --init",
+            EXIT_WORKER,
         ) from None
     if response.status_code in (401, 403):
         raise CliError(
             f"the worker at {url} refused the request (HTTP {response.status_code}): pass its token with "
-            "--worker-token or $SAIGE_WORKER_TOKEN"
+            "--worker-token or $SAIGE_WORKER_TOKEN",
+            EXIT_WORKER,
         )
     if response.status_code != 200:
         raise CliError(f"the worker at {url} answered /api/stats with HTTP {response.status_code}; is it SAIGE?")
@@ -1450,7 +1459,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SAIGE_DEBUG"):
             raise
         print(f"test_model.py: error: {e}", file=sys.stderr)
-        return EXIT_FAILURE
+        return e.code
     except Exception as e:  # noqa: BLE001 - one line for what users meet; SAIGE_DEBUG=1 for the traceback
         if os.environ.get("SAIGE_DEBUG"):
             raise
