@@ -303,12 +303,12 @@ def test_smollm2_on_ten_heldout_scenarios(worker_url, tmp_path):
 def test_degenerate_text_is_flagged_beside_an_improvement():
     fluent = "I am sorry to hear that. Please call your doctor today and tell them what happened."
     loop = "call your doctor call your doctor call your doctor call your doctor call your doctor"
-    assert test_model.distinct2([fluent]) == 1.0 and test_model.distinct2([loop]) < 0.4
+    assert test_model.mean_distinct2([fluent]) == 1.0 and test_model.mean_distinct2([loop]) < 0.4
     # per answer, so the figure of a fluent model does not fall as the suite grows
-    assert test_model.distinct2([fluent] * 50) == 1.0
+    assert test_model.mean_distinct2([fluent] * 50) == 1.0
 
     def summary(answers):
-        return {"answers": len(answers), "distinct2": test_model.distinct2(answers),
+        return {"answers": len(answers), "distinct2": test_model.mean_distinct2(answers),
                 "mean_words": sum(len(a.split()) for a in answers) / len(answers)}  # fmt: skip
 
     assert test_model.degenerate_warning({"tuned": summary([fluent]), "base": summary([fluent])}) is None
