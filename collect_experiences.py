@@ -284,6 +284,10 @@ def fold(context) -> str:
     return " ".join(str(context).split())
 
 
+# --- end shared: heldout split ----------------------------------------------------------------------------
+
+
+# --- shared: heldout suite (the same in every script: edit shared_blocks/heldout_suite.py, then `make sync`) ----
 def suite_contexts(path) -> set[str]:
     """The folded contexts of a JSON array or JSONL file of scenarios (the evaluator's --suite), to hold out too.
     Raises ValueError with one line when the file is not that."""
@@ -303,7 +307,7 @@ def suite_contexts(path) -> set[str]:
     return found
 
 
-# --- end shared: heldout split ----------------------------------------------------------------------------
+# --- end shared: heldout suite -----------------------------------------------------------------------------
 
 
 # --- shared: prompt encoding (the same in every script: edit shared_blocks/prompt_encoding.py, then `make sync`) -
@@ -493,9 +497,8 @@ class WorkerClient:
 
     def held_out(self, scenario: dict) -> bool:
         """Whether a scenario is kept for evaluation (--heldout-fraction); if so, it is remembered."""
-        if not is_heldout(scenario["context"], self.heldout_fraction) and fold(scenario["context"]) not in (
-            self.heldout_suite
-        ):
+        context = scenario["context"]
+        if not (is_heldout(context, self.heldout_fraction) or fold(context) in self.heldout_suite):
             return False
         with self.deck_lock:
             self.heldout.setdefault(scenario["id"], scenario)

@@ -172,25 +172,6 @@ def fold(context) -> str:
     return " ".join(str(context).split())
 
 
-def suite_contexts(path) -> set[str]:
-    """The folded contexts of a JSON array or JSONL file of scenarios (the evaluator's --suite), to hold out too.
-    Raises ValueError with one line when the file is not that."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        rows = (
-            json.loads(text)
-            if text.lstrip().startswith("[")
-            else [json.loads(x) for x in text.splitlines() if x.strip()]
-        )
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"cannot read the scenarios of {path} ({str(e).splitlines()[0][:80]})") from None
-    found = {fold(r["context"]) for r in rows if isinstance(r, dict) and isinstance(r.get("context"), str)}
-    if not found:
-        raise ValueError(f"{path} holds no scenario with a context")
-    return found
-
-
 # --- end shared: heldout split ----------------------------------------------------------------------------
 
 
@@ -243,14 +224,14 @@ def d1_statement_ok(statement: str) -> bool:
     return False
 
 
-def load_d1_dump(path, target) -> int:
-    """Run a `wrangler d1 export` file into the new SQLite database `target`, one checked statement at a time;
-    returns the rows inserted. Raises ValueError with one line for anything that is not SAIGE's tables and rows."""
+def load_d1_dump(path, target) -> None:
+    """Run a `wrangler d1 export` file into the new SQLite database `target`, one checked statement at a time.
+    Raises ValueError with one line for anything that is not SAIGE's tables and rows."""
     conn = sqlite3.connect(target, isolation_level=None)
     try:
         conn.execute("PRAGMA journal_mode = OFF")  # a scratch copy: nothing to recover if the run stops
         conn.execute("BEGIN")
-        pending, rows, first_line = "", 0, 1
+        pending, first_line = "", 1
         with open(path, encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
                 if not pending and (not line.strip() or line.lstrip().startswith("--")):
@@ -263,13 +244,11 @@ def load_d1_dump(path, target) -> int:
                 if not d1_statement_ok(statement):
                     raise ValueError(f"line {first_line}: not a SAIGE table, index or row: {statement[:60]!r}")
                 if not re.match(r"(BEGIN|COMMIT|END)\b", statement, re.I):  # one transaction of our own
-                    done = conn.execute(statement)
-                    rows += max(done.rowcount, 0) if statement[:6].upper() == "INSERT" else 0
+                    conn.execute(statement)
                 first_line = number + 1
         if pending.strip():
             raise ValueError(f"line {first_line}: the file ends inside a statement (a truncated export?)")
         conn.execute("COMMIT")
-        return rows
     except UnicodeDecodeError:
         raise ValueError("not UTF-8 text") from None
     except sqlite3.Error as e:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 
 # --- shared: heldout split (the same in every script: edit shared_blocks/heldout.py, then `make sync`) ------
 HELDOUT_FRACTION = 0.25  # the pipeline's default share of scenarios kept for evaluation only (HELDOUT_FRACTION)
@@ -25,25 +24,6 @@ def is_heldout(context, fraction: float) -> bool:
 def fold(context) -> str:
     """A scenario's text as the split sees it: whitespace folded."""
     return " ".join(str(context).split())
-
-
-def suite_contexts(path) -> set[str]:
-    """The folded contexts of a JSON array or JSONL file of scenarios (the evaluator's --suite), to hold out too.
-    Raises ValueError with one line when the file is not that."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        rows = (
-            json.loads(text)
-            if text.lstrip().startswith("[")
-            else [json.loads(x) for x in text.splitlines() if x.strip()]
-        )
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"cannot read the scenarios of {path} ({str(e).splitlines()[0][:80]})") from None
-    found = {fold(r["context"]) for r in rows if isinstance(r, dict) and isinstance(r.get("context"), str)}
-    if not found:
-        raise ValueError(f"{path} holds no scenario with a context")
-    return found
 
 
 # --- end shared: heldout split ----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from conftest import ROOT
 EXPECTED = {  # block -> the scripts that must carry it
     "safe paths": {"saige_to_sft.py", "collect_experiences.py", "test_model.py", "train_local.py"},
     "heldout split": {"saige_to_sft.py", "collect_experiences.py", "test_model.py"},
+    "heldout suite": {"saige_to_sft.py", "collect_experiences.py"},
     "d1 dump": {"saige_to_sft.py", "test_model.py"},
     "prompt encoding": {"collect_experiences.py", "test_model.py"},
     "offline model": {"collect_experiences.py", "test_model.py", "train_local.py"},
