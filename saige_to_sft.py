@@ -120,11 +120,20 @@ INVENTED_TURN = re.compile(
     re.IGNORECASE,
 )
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# 6, not 1: a script (the pipeline) must tell "nothing passed the filters" from a bad input without reading stderr
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NO_MATCH, EXIT_INTERRUPTED = 0, 1, 2, 6, 130
 
 
 class CliError(Exception):
     """An expected failure, reported as one line on stderr."""
+
+    exit_code = EXIT_FAILURE
+
+
+class NoMatch(CliError):
+    """Valid input from which nothing is left to write."""
+
+    exit_code = EXIT_NO_MATCH
 
 
 # --- shared: safe paths (the same in every script: edit shared_blocks/safe_paths.py, then `make sync`) -------
@@ -1253,7 +1262,7 @@ def convert_database(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
     first = selected.fetchone()  # the ORDER BY makes SQLite scan every row first, so the funnel is complete
     if first is None:
         print(no_match_message(funnel, args), file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_NO_MATCH
     stats, counts = Stats(), Counter()
     columns = CSV_COLUMNS + (["source"] if args.include_gold else [])
     user_for = user_turns(conn)
@@ -1264,7 +1273,7 @@ def convert_database(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
                 rows = (r for part in (rows, gold_rows(conn, args, template, user_for, counts)) for r in part)
             write_rows(out, progress(rows, funnel["selected"], args.quiet), args.output_format, columns)
         if not counts["written"]:
-            raise CliError("every selected answer was empty after cleanup; try --no-clean")
+            raise NoMatch("every selected answer was empty after cleanup; try --no-clean")
         if args.dpo_output:
             with outputs.open(args.dpo_output) as dpo:
                 dpo.writelines(json_line(p) for p in dpo_pairs(conn, args, template, user_for, counts))
@@ -1323,7 +1332,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         message = database_problem(args.db, e) if isinstance(e, sqlite3.Error) else str(e)
         print(f"saige_to_sft.py: error: {message}", file=sys.stderr)
-        return EXIT_FAILURE
+        return e.exit_code if isinstance(e, CliError) else EXIT_FAILURE
     except Exception as e:  # noqa: BLE001 - a bug or an input nobody foresaw: one line, never a traceback
         if os.environ.get("SAIGE_DEBUG"):
             raise

@@ -323,7 +323,7 @@ convert() {
   local status=0
   "${PYTHON}" "${SCRIPT_DIR}/saige_to_sft.py" "${args[@]}" 2>"${dir}/convert.log" || status=$?
   cat "${dir}/convert.log" >&2
-  if ((status == 1)) && grep -q "No experiences found matching criteria" "${dir}/convert.log"; then
+  if ((status == 6)); then  # the converter's "nothing passed the filters"
     die "no experience passed the thresholds (see the converter's hints above); nothing to train on"
   fi
   ((status == 0)) || die "step 'convert' failed (exit ${status}); log: ${dir}/convert.log"

@@ -290,7 +290,7 @@ def test_stdout_output(one_row_db):
 def test_zero_matches_explains_and_writes_nothing(graded_db, tmp_path):
     out = tmp_path / "out.csv"
     result = convert(graded_db, out, "--min-buddhist", "10")
-    assert result.returncode == 1
+    assert result.returncode == 6
     assert "No experiences found matching criteria" in result.stderr
     assert "15 experiences in" in result.stderr
     assert "7 removed: weighted score below --min-buddhist" in result.stderr

@@ -84,8 +84,8 @@ MATRIX = [
     ("", ["--db", "{x}"], 1, r"--db .* is a folder; pass the database file"),
     ("locked", [], 1, r"database .*saige\.db is locked by another program"),
     # 3. a run that fails after the database is read leaves every earlier output as it was
-    ("", ["--min-buddhist", "10"], 1, r"No experiences found matching criteria"),
-    ("all-empty", [], 1, r"every selected answer was empty after cleanup"),
+    ("", ["--min-buddhist", "10"], 6, r"No experiences found matching criteria"),
+    ("all-empty", [], 6, r"every selected answer was empty after cleanup"),
 ]
 
 
@@ -286,7 +286,7 @@ def test_messy_rows_never_match_explains_with_named_reasons(tmp_path):
     out = tmp_path / "out.csv"
     out.write_bytes(OLD_OUTPUT)
     result = run(SCRIPT, "--db", db, "-o", out, "--min-buddhist", "9")
-    assert_refused(result, 1, r"^No experiences found matching criteria", unchanged={out: OLD_OUTPUT})
+    assert_refused(result, 6, r"^No experiences found matching criteria", unchanged={out: OLD_OUTPUT})
     assert f"{expected['encoding']} removed: binary or invalid UTF-8 text" in result.stderr
     assert f"{expected['number']} removed: non-numeric or non-finite harm, score or difficulty" in result.stderr
 
@@ -512,7 +512,7 @@ def test_fuzz_messy_databases_never_crash_the_converter(scenarios, experiences, 
         event(f"exit {code}")  # --hypothesis-show-statistics: how many examples wrote data
         assert snapshot(db) == before, "the database changed"
         assert "Traceback" not in message and "unexpected" not in message, message
-        if code == 1:
+        if code == 6:
             assert re.search(r"No experiences found|every selected answer was empty", message), message
             assert sorted(p.name for p in folder.iterdir()) == ["saige.db"]
             return
