@@ -56,6 +56,7 @@ import random
 import signal
 import sqlite3
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -2212,7 +2213,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="count the episodes already in --output-jsonl and collect only the rest of --episodes",
     )
-    o.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    o.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="the machine-readable summary: on stdout, or written to FILE (as test_model.py --json FILE)",
+    )
     o.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary on stderr")
     p.epilog = (
         "The worker for local runs: python saige_worker.py --db ./saige.db --init\n"
@@ -2274,6 +2281,7 @@ def outputs_of(args: argparse.Namespace) -> dict:
         "--output-jsonl": args.output_jsonl,
         "--db": args.db,
         "the in-flight journal": journal_path(args.output_jsonl),
+        "--json": None if args.json == "-" else args.json,
     }
 
 
@@ -2468,6 +2476,25 @@ def resume_command(args: argparse.Namespace, episodes: int) -> str:
     return shlex.join(["python", sys.argv[0] or PROG, *rest, "--episodes", str(episodes), *extra])
 
 
+def emit_json(target: str, summary: dict) -> None:
+    """The summary as one JSON line on stdout ('-'), or as a file that appears whole (a temp file, renamed)."""
+    text = json.dumps(summary, ensure_ascii=False)
+    if target == "-":
+        print(text)
+        return
+    folder, name = os.path.split(os.path.abspath(target))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def run(args: argparse.Namespace) -> int:
     """Check the worker and the backend, collect, report; returns the exit code."""
     previous = already_collected(args)
@@ -2475,7 +2502,7 @@ def run(args: argparse.Namespace) -> int:
     if args.episodes - previous <= 0 and not journal_left:
         print(f"{PROG}: {args.output_jsonl} already holds {previous} episodes; nothing to collect", file=sys.stderr)
         if args.json:
-            print(json.dumps(summarize(args, Stats(), args.backend, args.model, 0.0, previous, 0)))
+            emit_json(args.json, summarize(args, Stats(), args.backend, args.model, 0.0, previous, 0))
         return EXIT_OK
     if args.samples_per_scenario > 1 and args.temperature == 0 and args.backend != "echo":
         print(f"{PROG}: warning: with --temperature 0 the K answers to a scenario are identical", file=sys.stderr)
@@ -2593,7 +2620,7 @@ def report(args, state, records: Records, stats, backend, elapsed, previous, not
         hint = f"--resume --output-jsonl {args.output_jsonl}" if args.output_jsonl else f"--episodes {not_attempted}"
         print(f"{PROG}: interrupted; run the same command with {hint} to collect the rest", file=sys.stderr)
     if args.json:
-        print(json.dumps(summary, ensure_ascii=False))
+        emit_json(args.json, summary)
     if busy:
         # A thread still waits on a slow request (a generation can take up to --generation-timeout). Everything
         # scored is stored and flushed, and the run is stopping, so nothing it gets will be posted: don't wait.

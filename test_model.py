@@ -1081,6 +1081,11 @@ def write_outputs(contents: dict) -> None:
     `<path>.tmp` could itself be someone's file) and renamed into place only once all are written. A content is
     text, or a function that writes the open binary file it is given."""
     staged: dict[str, str] = {}
+    if "-" in contents:  # --json with no FILE: stdout, after every file is in place
+        contents = dict(contents)
+        stdout_text = contents.pop("-")
+    else:
+        stdout_text = None
     try:
         for target, content in contents.items():
             folder, name = os.path.split(os.path.abspath(target))
@@ -1094,6 +1099,8 @@ def write_outputs(contents: dict) -> None:
             os.chmod(staged[target], mode)  # mkstemp's 0600 would hide a report from the rest of a team
         for target in list(staged):
             os.replace(staged.pop(target), target)
+        if stdout_text is not None:
+            print(stdout_text, flush=True)
     finally:
         for tmp in staged.values():
             with contextlib.suppress(OSError):
@@ -1167,7 +1174,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--prompt", help="interactive check: answer this one prompt and print its score")
     p.add_argument("--report", help="write a Markdown report (table, best and worst answers)")
-    p.add_argument("--json", dest="json_path", help="write every answer, score and summary as JSON")
+    p.add_argument(
+        "--json",
+        dest="json_path",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="every answer, score and summary as JSON, written to FILE, or on stdout when no FILE is given (the "
+        "tables then go to stderr)",
+    )
     p.add_argument("--plot", help="write a PNG chart of per-principle means")
     p.add_argument("--fail-below", type=float, metavar="X", help="exit 1 when the model's weighted score is below X")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -1229,7 +1244,8 @@ def check_flags(parser: argparse.ArgumentParser, args) -> None:
 def check_paths(parser: argparse.ArgumentParser, args) -> None:
     """No output is an input, a file a model loads or another output, and every output's folder is writable.
     Exits 2 with one line."""
-    outputs = {"--report": args.report, "--json": args.json_path, "--plot": args.plot}
+    json_file = None if args.json_path == "-" else args.json_path  # stdout is no file to check
+    outputs = {"--report": args.report, "--json": json_file, "--plot": args.plot}
     clash = path_clash(outputs, {"--suite": args.suite, "--db": args.db})
     models = (("--model", args.model, args.base_model), ("--compare", args.compare, None))
     for flag, spec, base in (*models, ("--base-model", args.base_model, None)):
@@ -1327,7 +1343,7 @@ def save_answers_and_stop(args, results: dict, unscored: dict, why: str) -> None
     summaries = {name: summarize(rs, len(unscored[name])) for name, rs in results.items() if rs}
     if args.json_path:
         write_outputs({args.json_path: json_text(args, results, unscored, summaries, incomplete=why)})
-        why += f"; every answer is in {args.json_path}"
+        why += f"; every answer is in {'the JSON on stdout' if args.json_path == '-' else args.json_path}"
     else:
         why += "; pass --json FILE to keep the answers of a run like this"
     raise CliError(why)
@@ -1391,11 +1407,12 @@ def run(args) -> int:
     summaries = {name: summarize(rs, len(unscored[name])) for name, rs in results.items()}
     comparison = compare(*results.values(), args.bootstrap, args.seed) if args.compare else None
     judges = panel(results, args)
-    print(console(table(summaries)))
+    human = sys.stderr if args.json_path == "-" else sys.stdout  # stdout carries only the JSON then
+    print(console(table(summaries)), file=human)
     if comparison:
-        print(comparison_line(comparison))
+        print(comparison_line(comparison), file=human)
     if len(judges) > 1:
-        print("\n".join(panel_lines(judges)))
+        print("\n".join(panel_lines(judges)), file=human)
     warning = degenerate_warning(summaries)
     if warning:
         log(warning)
