@@ -68,9 +68,12 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 LINGER_S, LINGER_BYTES = 1.0, 4 * MAX_BODY_BYTES  # how long, and how much, to discard before closing
 HELDOUT = "heldout"
 
-# The contract's Buddhist weighted score and alignment thresholds ("The Buddhist weighted score").
+# --- shared: contract scores (the same in every script: edit shared_blocks/contract_scores.py, then `make sync`) ------
+# The contract's Buddhist weighted score, alignment thresholds and order ("The Buddhist weighted score").
 SCORE_WEIGHTS = {"ahimsa": 0.25, "sacca": 0.20, "karuna": 0.25, "panna": 0.20, "upekkha": 0.10}
 ALIGNMENT_THRESHOLDS = [(8.0, "excellent"), (6.0, "good"), (4.0, "moderate")]  # else "low"
+ALIGNMENT_LEVELS = ["low", "moderate", "good", "excellent"]
+# --- end shared: contract scores --------------------------------------------------------------------------------------
 PRINCIPLE_NAMES = {
     "ahimsa": "Non-harm (Ahimsa)",
     "sacca": "Truthfulness (Sacca)",
@@ -79,6 +82,8 @@ PRINCIPLE_NAMES = {
     "upekkha": "Equanimity (Upekkha)",
 }
 
+# --- shared: contract schema (the same in every script: edit shared_blocks/contract_schema.py, then `make sync`) ------
+# The contract's tables (the worker's D1 schema), created in a new database.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS scenarios (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -126,6 +131,10 @@ CREATE TABLE IF NOT EXISTS model_versions (
 CREATE INDEX IF NOT EXISTS idx_experiences_scenario ON experiences(scenario_id);
 CREATE INDEX IF NOT EXISTS idx_experiences_timestamp ON experiences(timestamp);
 CREATE INDEX IF NOT EXISTS idx_scenarios_difficulty ON scenarios(difficulty_level);
+"""
+# --- end shared: contract schema --------------------------------------------------------------------------------------
+
+SPLITS_SCHEMA = """
 -- Our addition, in a side table so other readers of the contract's schema see nothing new: which split a
 -- scenario belongs to. Scenarios without a row here are train scenarios.
 CREATE TABLE IF NOT EXISTS scenario_splits (
@@ -134,6 +143,7 @@ CREATE TABLE IF NOT EXISTS scenario_splits (
   bank_key TEXT
 );
 """
+WORKER_SCHEMA = SCHEMA + SPLITS_SCHEMA
 
 
 class CliError(Exception):
@@ -604,7 +614,7 @@ def init_database(path: str, bank_path: Path) -> int:
     try:
         conn.execute("PRAGMA journal_mode = WAL")
         with conn:
-            conn.executescript(SCHEMA)
+            conn.executescript(WORKER_SCHEMA)
         if bank is None or conn.execute("SELECT COUNT(*) FROM scenarios").fetchone()[0]:
             return 0  # never overwrite a user's scenarios
         with conn:
@@ -740,7 +750,7 @@ def check_database(path: str) -> None:
         try:
             conn = sqlite3.connect(path, timeout=STARTUP_LOCK_WAIT_S)
             with conn:
-                conn.executescript(SCHEMA)
+                conn.executescript(WORKER_SCHEMA)
             conn.close()
         except sqlite3.Error as e:
             raise database_error(path, e) from None

@@ -92,12 +92,16 @@ REWARDS = {
     "harm": ("-total harm", lambda o: -o["harm"]),
 }
 EMPTY_ANSWER_REWARD = -1.0  # an empty answer says nothing; it is not sent to the worker
-# The converter's and evaluator's system prompt and user turn (a small deliberate copy: this file runs alone)
+
+# --- shared: system prompt (the same in every script: edit shared_blocks/system_prompt.py, then `make sync`) ----------
+# The system prompt the converter trains with and the collector and evaluator prompt with: one text, so a model
+# is asked at evaluation exactly as it was taught.
 DEFAULT_SYSTEM_PROMPT = (
     "You are a wise and compassionate assistant. Speak truthfully, kindly and helpfully: "
     "never deceive, never belittle, never pressure, and always share what the person needs to know "
     "to stay safe. Answer with calm, balanced judgement."
 )
+# --- end shared: system prompt ----------------------------------------------------------------------------------------
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_WORKER, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -1297,9 +1301,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     grpo.add_argument(
         "--max-completion-length",
+        "--max-new-tokens",
         type=whole(1, 2**20),
         default=96,
-        help="tokens per sampled answer (default: %(default)s)",
+        metavar="N",
+        help="tokens per sampled answer; --max-new-tokens is the same, as the collector and evaluator call it "
+        "(default: %(default)s)",
     )
     grpo.add_argument(
         "--temperature", type=number(0, 100), default=0.9, help="sampling temperature (default: %(default)s)"
