@@ -47,6 +47,7 @@ import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import quote
 
 # --- defaults (the names and values users already type; see the README) -----------------------------
@@ -515,6 +516,7 @@ FROM scenarios WHERE typeof(expected_response) = 'text' AND typeof(context) = 't
   AND utf8_ok(CAST(expected_response AS BLOB), CAST(context AS BLOB), CAST(person_state AS BLOB))
   AND (:min_difficulty IS NULL OR difficulty_level >= :min_difficulty)
   AND (:max_difficulty IS NULL OR difficulty_level <= :max_difficulty)
+  AND id NOT IN (SELECT id FROM temp.heldout)
 ORDER BY id"""
 
 
@@ -657,19 +659,32 @@ def user_turn(context: str, person_state: dict) -> str:
 
 
 # --- formats -----------------------------------------------------------------------------------------
-def resolve_template(fmt: str, tokenizer: str | None, system_prompt: str | None) -> tuple[str, str, str | None]:
-    """(prompt template, answer end, system prompt actually used) for a format name."""
+class ChatTemplate(NamedTuple):
+    """How one example is rendered: the prompt (with {system} and {user}), what ends an answer, and the system
+    prompt actually used (None for a layout without a system role and no --system-prompt)."""
+
+    prompt: str
+    end: str
+    system: str | None
+
+    def render(self, user: str) -> str:
+        """The prompt filled in (str.replace, because system prompts and contexts may contain braces)."""
+        return self.prompt.replace("{system}", self.system or "").replace("{user}", user)
+
+
+def resolve_template(fmt: str, tokenizer: str | None, system_prompt: str | None) -> ChatTemplate:
+    """The chat template of a format name."""
     if fmt == "auto":
         return template_from_tokenizer(tokenizer, system_prompt or DEFAULT_SYSTEM_PROMPT)
     prompt, end = TEMPLATES[fmt]
     if "{system}" in prompt:
-        return prompt, end, system_prompt or DEFAULT_SYSTEM_PROMPT
+        return ChatTemplate(prompt, end, system_prompt or DEFAULT_SYSTEM_PROMPT)
     if system_prompt:  # only an explicit --system-prompt goes into a layout without a system role
-        return prompt.replace("{user}", "{system}\n\n{user}"), end, system_prompt
-    return prompt, end, None
+        return ChatTemplate(prompt.replace("{user}", "{system}\n\n{user}"), end, system_prompt)
+    return ChatTemplate(prompt, end, None)
 
 
-def template_from_tokenizer(name: str, system_prompt: str) -> tuple[str, str, str]:
+def template_from_tokenizer(name: str, system_prompt: str) -> ChatTemplate:
     """Derive (prompt, end) from a tokenizer's own chat template by rendering placeholder messages."""
     try:
         from transformers import AutoTokenizer
@@ -691,23 +706,17 @@ def template_from_tokenizer(name: str, system_prompt: str) -> tuple[str, str, st
         chat[0]["content"] = "{system}\n\n{user}"
         rendered = tok.apply_chat_template(chat, tokenize=False)
     prompt, _, end = rendered.partition(answer)
-    return prompt, end, system_prompt
+    return ChatTemplate(prompt, end, system_prompt)
 
 
-def render(prompt: str, system: str | None, user: str) -> str:
-    """Fill a prompt template (str.replace, because system prompts and contexts may contain braces)."""
-    return prompt.replace("{system}", system or "").replace("{user}", user)
-
-
-def make_row(layout: str, prompt: str, end: str, system: str | None, user: str, answer: str) -> dict:
+def make_row(layout: str, template: ChatTemplate, user: str, answer: str) -> dict:
     """One training example in the chosen layout."""
     if layout == "messages":
-        system_turn = [{"role": "system", "content": system}] if system else []
+        system_turn = [{"role": "system", "content": template.system}] if template.system else []
         return {"messages": [*system_turn, {"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
-    rendered_prompt = render(prompt, system, user)
     if layout == "prompt-completion":
-        return {"prompt": rendered_prompt, "completion": answer + end}
-    return {"text": rendered_prompt + answer + end}
+        return {"prompt": template.render(user), "completion": answer + template.end}
+    return {"text": template.render(user) + answer + template.end}
 
 
 # --- output ------------------------------------------------------------------------------------------
@@ -825,7 +834,6 @@ def user_turns(conn: sqlite3.Connection):
 
 def example_rows(rows, args, template, user_for, stats: Stats, counts: Counter):
     """(example, metadata in CSV column order) for each selected row; cleans answers, honours --limit."""
-    prompt, end, system = template
     for row in rows:
         if args.limit is not None and counts["written"] >= args.limit:
             break
@@ -843,18 +851,16 @@ def example_rows(rows, args, template, user_for, stats: Stats, counts: Counter):
         meta = (harm, alignment, round(weighted, 4), difficulty, row["scenario_id"], row["id"])
         stats.add(harm, weighted, alignment, difficulty)
         counts["written"] += 1
-        example = make_row(args.layout, prompt, end, system, user_for(row["scenario_id"]), answer)
+        example = make_row(args.layout, template, user_for(row["scenario_id"]), answer)
         yield example, (*meta, "experience") if args.include_gold else meta
 
 
 def gold_rows(conn, args, template, user_for, counts: Counter):
     """Scenarios' reference answers as extra examples (--include-gold), never those of held-out scenarios."""
-    prompt, end, system = template
-    query = GOLD_SQL.replace("ORDER BY id", "AND id NOT IN (SELECT id FROM temp.heldout) ORDER BY id")
-    for row in conn.execute(query, sql_params(args)):
+    for row in conn.execute(GOLD_SQL, sql_params(args)):
         user = user_for(row["scenario_id"])
         counts["gold"] += 1
-        example = make_row(args.layout, prompt, end, system, user, row["expected_response"].strip())
+        example = make_row(args.layout, template, user, row["expected_response"].strip())
         yield example, ("", "", "", row["difficulty"], row["scenario_id"], "", "gold")
 
 
@@ -882,7 +888,7 @@ def write_rows(handle, rows, output_format: str, columns: list[str]) -> None:
 
 def dpo_pairs(conn, args, template, user_for, counts: Counter):
     """Preference pairs in the layout TRL's DPOTrainer reads (conversational with --layout messages)."""
-    prompt, end, system = template
+    end = template.end
     for row in conn.execute(dpo_sql(args), sql_params(args)):
         chosen, rejected = (clean_response(row[k]) if args.clean else row[k] for k in ("chosen", "rejected"))
         if args.trim_unfinished:  # both sides alike, so the preference is about content, not about finishing
@@ -891,14 +897,14 @@ def dpo_pairs(conn, args, template, user_for, counts: Counter):
             continue
         user = user_for(row["scenario_id"])
         if args.layout == "messages":
-            system_turn = [{"role": "system", "content": system}] if system else []
+            system_turn = [{"role": "system", "content": template.system}] if template.system else []
             pair = {
                 "prompt": [*system_turn, {"role": "user", "content": user}],
                 "chosen": [{"role": "assistant", "content": chosen}],
                 "rejected": [{"role": "assistant", "content": rejected}],
             }
         else:
-            pair = {"prompt": render(prompt, system, user), "chosen": chosen + end, "rejected": rejected + end}
+            pair = {"prompt": template.render(user), "chosen": chosen + end, "rejected": rejected + end}
         pair.update({k: row[k] for k in ("scenario_id", "chosen_id", "rejected_id")})
         pair.update(
             chosen_score=round(row["chosen_score"], 4),
@@ -960,16 +966,15 @@ def no_match_message(funnel: Counter, args) -> str:
     return "\n".join(lines)
 
 
-def sidecar(args, template, funnel: Counter, counts: Counter, conn) -> dict:
-    prompt, end, system = template
+def sidecar(args, template: ChatTemplate, funnel: Counter, counts: Counter, conn) -> dict:
     return {
         "tool": "saige_to_sft.py",
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "format": args.format,
         "tokenizer": args.tokenizer,
-        "system_prompt": system,
-        "prompt_template": prompt,
-        "response_end": end,
+        "system_prompt": template.system,
+        "prompt_template": template.prompt,
+        "response_end": template.end,
         "output_format": args.output_format,
         "layout": args.layout,
         "thresholds": {
@@ -1263,8 +1268,8 @@ def dump_copy(path: str) -> str:
 
 def convert_database(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
     template = resolve_template(args.format, args.tokenizer, args.system_prompt)
-    if args.layout == "messages" and template[2] is None:  # the trainer's chat template renders any system turn
-        template = (*template[:2], DEFAULT_SYSTEM_PROMPT)
+    if args.layout == "messages" and template.system is None:  # the trainer's chat template renders any system turn
+        template = template._replace(system=DEFAULT_SYSTEM_PROMPT)
     funnel = count_stages(conn)
     started = time.monotonic()
     args.heldout_scenarios = mark_heldout(conn, args.heldout_fraction, args.heldout_contexts)

@@ -109,13 +109,11 @@ def test_shared_flags_have_the_readme_defaults():
 
 def test_worker_unreachable_exits_3_in_every_script_that_calls_one(tiny_model, tmp_path):
     dead = "http://127.0.0.1:9"
+    grpo = ("--model", str(tiny_model), "--output-dir", str(tmp_path / "o"), "--method", "grpo")
     runs = {
         "collect_experiences.py": run("collect_experiences.py", "--worker-url", dead, *ECHO),
         "test_model.py": run("test_model.py", "--model", str(tiny_model), "--worker-url", dead),
-        "train_local.py": run(
-            "train_local.py", "--model", str(tiny_model), "--output-dir", str(tmp_path / "o"), "--method", "grpo",
-            "--worker-url", dead,
-        ),  # fmt: skip
+        "train_local.py": run("train_local.py", *grpo, "--worker-url", dead),
     }
     for script, result in runs.items():
         assert result.returncode == 3, (script, result.stderr)
