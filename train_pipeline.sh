@@ -219,6 +219,19 @@ except Exception as e:
     sys.exit(1 if getattr(e, "code", 0) == 404 else 0)' "${WORKER_URL}"
 }
 
+# worker_scores_without_storing: whether the worker has the local worker's non-storing /api/score (GRPO's reward)
+worker_scores_without_storing() {
+  "${PYTHON}" -c 'import os, sys, urllib.request
+token = os.environ.get("SAIGE_WORKER_TOKEN")
+request = urllib.request.Request(sys.argv[1] + "/api/score", data=b"{}", headers={"Content-Type": "application/json"})
+if token:
+    request.add_header("Authorization", "Bearer " + token)
+try:
+    urllib.request.urlopen(request, timeout=10)
+except Exception as e:
+    sys.exit(1 if getattr(e, "code", 0) in (404, 405) else 0)' "${WORKER_URL}"
+}
+
 worker_answers() {
   "${PYTHON}" -c 'import sys, urllib.request
 try:
@@ -432,6 +445,11 @@ main() {
   local started=${SECONDS} i adapter=""
   if [[ "${SKIP_COLLECT}" == 0 || "${SKIP_EVAL}" == 0 || "${METHOD}" == grpo ]]; then start_worker; fi
   choose_split
+  if [[ "${METHOD}" == grpo && "${SKIP_TRAIN}" == 0 ]] && ! worker_scores_without_storing; then
+    die "METHOD=grpo scores every sampled answer through the worker's /api/score, which ${WORKER_URL} does not" \
+      "have (a real SAIGE worker can only score by storing each answer as an experience); use METHOD=sft or dpo," \
+      "or GRPO against the local saige_worker.py on a copy of your database"
+  fi
   for ((i = 1; i <= ITERATIONS; i++)); do
     local dir="${OUTPUT_DIR}/iter-${i}"
     mkdir -p "${dir}"

@@ -306,3 +306,15 @@ def test_eval_suite_lets_the_loop_finish_against_a_worker_without_extras(tiny_mo
     assert evaluation["config"]["suite"] == str(suite) and 1 <= evaluation["comparison"]["scenarios"] <= 4
     episodes = (tmp_path / "out" / "iter-1" / "episodes.jsonl").read_text().splitlines()
     assert not {json.loads(x)["scenario"]["context"] for x in episodes} & {s["context"] for s in heldout}
+
+
+def test_grpo_against_a_worker_without_non_storing_scores_stops_before_collecting(tiny_model, tmp_path):
+    """GRPO's reward is the worker's /api/score; the real worker has none, and would store every sampled answer."""
+    worker_db = tmp_path / "worker.db"
+    with start_worker(worker_db, "--strict-contract") as url:
+        env = settings(tmp_path, tiny_model, WORKER_URL=url, BACKEND="echo", METHOD="grpo")
+        result = pipeline(env, timeout=60)
+        stored = sqlite3.connect(worker_db).execute("SELECT COUNT(*) FROM experiences").fetchone()[0]
+    assert result.returncode == 1
+    assert "METHOD=grpo scores every sampled answer through the worker's /api/score" in result.stderr
+    assert stored == 0 and not (tmp_path / "out" / "iter-1" / "episodes.jsonl").exists()
