@@ -20,22 +20,23 @@ Examples:
       --export cloudflare
   python train_local.py --method dpo --data pairs.jsonl --model offline       # pairs: saige_to_sft.py --dpo-output
   python train_local.py --method grpo --worker-url http://localhost:8787 --model offline --max-steps 50
+  python train_local.py --data train.csv --model offline --export gguf --export ollama   # llama.cpp / Ollama
   accelerate launch train_local.py --data train.csv      # data-parallel on every GPU of the machine
 
 Colab: upload this file and your CSV, then
   !pip install -q transformers trl peft datasets accelerate bitsandbytes gguf && python train_local.py --data x.csv
 
-Exit codes: 0 trained; 1 bad input or training failed (missing or unreadable data, an implausible or unknown
-model, out of memory, the worker failing mid-run: a checkpoint is saved); 2 usage error (a value out of range, an
+Exit codes: 0 trained; 1 bad input or training failed (missing or unreadable data, an implausible or unknown model,
+out of memory, the worker failing mid-run: a checkpoint is saved); 2 usage error (a value out of range, an
 --output-dir that is or holds an input or cannot be written, QLoRA without a CUDA GPU, a worker that can only score
-by storing); 3 GRPO's worker unreachable at start; 130 interrupted (once training has started, a checkpoint is
-saved for --resume).
+by storing, an --export the model or flags cannot take); 3 GRPO's worker unreachable at start; 130 interrupted (once
+training has started, a checkpoint is saved for --resume).
 
 Safety: every path is checked before a model loads or a worker is called. No file the run writes (the adapter, its
-tokenizer, training_summary.json, the copied sidecar, checkpoints, merged/, cloudflare/) can be an input (--data,
-its sidecar, --suite, --model, --resume), and --output-dir can never hold the base model. A worker reply that is not
-a usable score (NaN, a string, HTML, cut short) costs that one answer its learning signal; it is counted in
-training_summary.json and never reaches the loss.
+tokenizer, training_summary.json, the copied sidecar, checkpoints, merged/, cloudflare/, adapter.gguf, ollama/) can
+be an input (--data, its sidecar, --suite, --model, --resume), and --output-dir can never hold the base model. A
+worker reply that is not a usable score (NaN, a string, HTML, cut short) costs that one answer its learning signal;
+it is counted in training_summary.json and never reaches the loss.
 """
 
 from __future__ import annotations
@@ -1089,6 +1090,263 @@ def export_cloudflare(output_dir: Path, base: tuple[str, str]) -> Path:
     return folder
 
 
+# llama.cpp adapters (--export gguf / ollama). What llama.cpp's own converter does (convert_lora_to_gguf.py, with
+# the model classes of convert_hf_to_gguf.py), read 2026 from github.com/ggml-org/llama.cpp:
+#  - metadata: general.architecture, general.type=adapter, adapter.type=lora, adapter.lora.alpha (float32);
+#  - tensors: the base tensor's llama.cpp name plus .lora_a / .lora_b; peft's A (rank x in) and B (out x rank) are
+#    stored as they are, not transposed (the GGUF shapes are then [in, rank] and [rank, out], which
+#    llama_adapter_lora_init checks against the base tensor), in f32 (the converter's default --outtype);
+#  - LlamaModel.modify_tensors permutes the rows of q_proj and k_proj (llama.cpp's rotary layout); on a LoRA pair
+#    only B, whose rows are the output features, is permuted. Qwen2Model does no permutation.
+# HF model_type (or a GGUF's general.architecture) -> (llama.cpp architecture, permute q/k)
+GGUF_ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+GGUF_NAME = "adapter.gguf"
+OLLAMA_DIR = "ollama"
+EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "wpe")  # LoRA on these is not exported (see export_gguf)
+
+
+def llama_permute(rows, n_head: int):
+    """llama.cpp's LlamaModel.permute on the rows of a matrix (HF rotary halves -> interleaved pairs per head)."""
+    return rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def gguf_file_architecture(path: Path) -> str | None:
+    """general.architecture of a GGUF file (read from its header; the tensors are not loaded)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("general.architecture")
+    return bytes(field.parts[field.data[0]]).decode("utf-8", "replace") if field else None
+
+
+def local_model_type(name: str) -> str | None:
+    """The architecture of a local --model: a GGUF's general.architecture or config.json's model_type; None for a
+    hub id (read later, from its config alone)."""
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return gguf_file_architecture(path) or "unknown"
+    if (path / "config.json").is_file():
+        try:
+            return str(json.loads((path / "config.json").read_text()).get("model_type") or "unknown")
+        except ValueError:
+            return "unknown"
+    if (path / "adapter_config.json").is_file():
+        return "peft adapter (not base)"
+    return None
+
+
+def architecture_problem(flag: str, model: str, model_type: str | None) -> str | None:
+    if model_type is None or model_type in GGUF_ARCHITECTURES:
+        return None
+    return (
+        f"{flag}: llama.cpp adapters are written for llama, mistral and qwen2 models only (Llama, SmolLM2, "
+        f"TinyLlama, Mistral, Qwen2), and --model {model} is a {model_type} model; drop {flag} or train one of those"
+    )
+
+
+def check_llama_exports(args) -> None:
+    """Fail before anything loads when --export gguf/ollama cannot be written for this model and these flags."""
+    exports = set(args.export or [])
+    wanted = [f"--export {kind}" for kind in ("gguf", "ollama") if kind in exports]
+    if not wanted:
+        if args.ollama_base:
+            raise CliError("--ollama-base is only used with --export ollama; add it or drop --ollama-base", EXIT_USAGE)
+        return
+    flag = wanted[0]
+    model = (offline_model_path() or "offline") if args.model == "offline" else args.model
+    problem = architecture_problem(flag, args.model, local_model_type(model) if local_model(model) else None)
+    if problem:
+        raise CliError(problem, EXIT_USAGE)
+    targets = [] if args.target_modules == "all-linear" else args.target_modules.split(",")
+    embedding = [t for t in targets if t.strip().split(".")[-1] in EMBEDDING_MODULES]
+    if embedding:
+        raise CliError(
+            f"{flag}: LoRA on {', '.join(embedding)} (embeddings or the output head) is not exported to llama.cpp "
+            "here; drop it from --target-modules",
+            EXIT_USAGE,
+        )
+    if "ollama" in exports and not args.ollama_base and not model.endswith(".gguf"):
+        raise CliError(
+            f"--export ollama: the Modelfile's FROM needs the base as Ollama knows it; --model {args.model} is not a "
+            "GGUF file, so name the Ollama tag of the same base with --ollama-base (e.g. --ollama-base tinyllama:1.1b)",
+            EXIT_USAGE,
+        )
+
+
+def check_hub_architecture(args) -> None:
+    """For a hub --model, read its config alone (no weights) and refuse an architecture llama.cpp exports skip."""
+    exports = set(args.export or [])
+    if not exports & {"gguf", "ollama"} or local_model(args.model):
+        return
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code).model_type
+    except Exception:  # noqa: BLE001 - an unreachable model is reported by the load that follows, in one line
+        return
+    problem = architecture_problem(f"--export {'gguf' if 'gguf' in exports else 'ollama'}", args.model, model_type)
+    if problem:
+        raise CliError(problem, EXIT_USAGE)
+
+
+def lora_pairs(tensors: dict) -> dict:
+    """peft's adapter tensors as {base module name: (A, B)}; anything else (modules_to_save copies, embedding LoRA,
+    DoRA magnitudes) is refused, since a llama.cpp adapter holds only A/B pairs of linear layers."""
+    pairs: dict = {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix("base_model.model.")
+        for part, index in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
+            if name.endswith(part):
+                pairs.setdefault(name[: -len(part)], [None, None])[index] = tensor
+                break
+        else:
+            raise CliError(
+                f"--export gguf: the adapter holds {key}, which is not a LoRA A/B matrix of a linear layer (a "
+                "modules_to_save copy or an embedding LoRA); llama.cpp adapters cannot carry it"
+            )
+    incomplete = [name for name, (a, b) in pairs.items() if a is None or b is None]
+    if incomplete:
+        raise CliError(f"--export gguf: the adapter lacks lora_A or lora_B for {incomplete[0]}")
+    return pairs
+
+
+def write_atomically(target: Path, write) -> None:
+    """Call write(temporary path), then rename it onto `target`: a failure leaves no half-written file."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        write(tmp)
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export_gguf(output_dir: Path, target: Path, config) -> Path:
+    """The trained adapter as a llama.cpp LoRA adapter (GGUF), the way convert_lora_to_gguf.py writes it."""
+    import gguf
+    from safetensors.torch import load_file
+
+    if config.model_type not in GGUF_ARCHITECTURES:
+        raise CliError(architecture_problem("--export gguf", "(the trained base)", config.model_type))
+    arch, permute = GGUF_ARCHITECTURES[config.model_type]
+    adapter = json.loads((output_dir / "adapter_config.json").read_text())
+    if any(adapter.get(key) for key in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern")):
+        raise CliError("--export gguf: rsLoRA, DoRA and per-module ranks or alphas have no llama.cpp equivalent")
+    pairs = lora_pairs(load_file(str(output_dir / "adapter_model.safetensors")))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+    n_head = config.num_attention_heads
+    n_kv_head = getattr(config, "num_key_value_heads", None) or n_head
+    tensors = []
+    for module, (a, b) in pairs.items():
+        gguf_name = names.get_name(module + ".weight", try_suffixes=(".weight",))
+        if gguf_name is None or not gguf_name.startswith("blk."):
+            raise CliError(f"--export gguf: llama.cpp has no {arch} tensor for {module}; drop it from --target-modules")
+        a, b = a.float().numpy(), b.float().numpy()
+        if permute and module.endswith("q_proj"):
+            b = llama_permute(b, n_head)
+        elif permute and module.endswith("k_proj"):
+            b = llama_permute(b, n_kv_head)
+        tensors += [(f"{gguf_name}.lora_a", a), (f"{gguf_name}.lora_b", b)]
+
+    def write(path: Path) -> None:
+        writer = gguf.GGUFWriter(str(path), arch)  # writes general.architecture
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(adapter["lora_alpha"]))
+        writer.add_name(f"SAIGE LoRA adapter ({output_dir.resolve().name})")
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for name, data in sorted(tensors, key=lambda t: tensor_order(t[0])):
+            writer.add_tensor(name, data.copy(order="C"))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    write_atomically(target, write)
+    log(f"llama.cpp adapter ({arch}, {len(pairs)} LoRA pairs, f32): {target}")
+    return target
+
+
+def tensor_order(name: str) -> tuple:
+    """blk.2 before blk.10."""
+    parts = name.split(".")
+    return (int(parts[1]) if parts[0] == "blk" and parts[1].isdigit() else -1, name)
+
+
+def ollama_template(sidecar: dict, bos: str | None) -> tuple[str, str | None, str]:
+    """(TEMPLATE, SYSTEM, stop) for Ollama from the converter's sidecar: the training prompt in Ollama's Go-template
+    syntax, exactly as the trainer fed it (the BOS the tokenizer adds is dropped: Ollama adds it too; a trailing
+    space before the answer belongs to the answer, as in split_text)."""
+    prompt, end = sidecar.get("prompt_template"), sidecar.get("response_end")
+    if not isinstance(prompt, str) or "{user}" not in prompt or not isinstance(end, str):
+        raise CliError(
+            "--export ollama: the data's sidecar has no prompt_template with {user} and response_end", EXIT_USAGE
+        )
+    prompt = without_bos(prompt, bos).rstrip(" ")
+    system = sidecar.get("system_prompt") if "{system}" in prompt else None
+    go = prompt.replace("{{", "{{ `{{` }}").replace("{system}", "{{ .System }}").replace("{user}", "{{ .Prompt }}")
+    template = f"{go}{{{{ .Response }}}}{end}"
+    stop = end.strip()
+    for text in (template, system or ""):
+        if '"""' in text:
+            raise CliError(
+                '--export ollama: the chat template or system prompt holds """, which a Modelfile cannot', EXIT_USAGE
+            )
+    return template, system, stop
+
+
+def ollama_format(args, tokenizer) -> dict:
+    """The training format for the Modelfile, known before training: the data's sidecar, or (GRPO on worker
+    scenarios, data without one) the tokenizer's chat template as scenario_messages uses it."""
+    sidecar = read_sidecar(Path(args.data)) if args.data else None
+    if sidecar:
+        return sidecar
+    if not getattr(tokenizer, "chat_template", None):
+        raise CliError(
+            "--export ollama: no sidecar beside --data and no chat template in the tokenizer, so the Modelfile's "
+            "TEMPLATE is unknown; convert the data with saige_to_sft.py (it writes the sidecar)",
+            EXIT_USAGE,
+        )
+    answer = "\x00ANSWER\x00"
+    messages = scenario_messages({"context": "{user}"}, tokenizer)
+    system = messages[0]["content"] if messages[0]["role"] == "system" else None
+    if system:
+        messages[0]["content"] = "{system}"
+    else:
+        messages[0]["content"] = "{system}\n\n{user}"
+    chat = [*messages, {"role": "assistant", "content": answer}]
+    rendered = tokenizer.apply_chat_template(chat, tokenize=False)
+    prompt, _, end = rendered.partition(answer)
+    return {"prompt_template": prompt, "response_end": end, "system_prompt": DEFAULT_SYSTEM_PROMPT}
+
+
+def export_ollama(output_dir: Path, gguf_path: Path | None, config, sidecar: dict, bos: str | None, base: str) -> Path:
+    """ollama/: adapter.gguf and a Modelfile (FROM the base, ADAPTER, the training template, system prompt and stop)."""
+    template, system, stop = ollama_template(sidecar, bos)
+    lines = [f"FROM {base}", f"ADAPTER ./{GGUF_NAME}", f'TEMPLATE """{template}"""']
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    if stop:
+        lines.append(f'PARAMETER stop "{stop}"')
+    folder = output_dir / OLLAMA_DIR
+    building = output_dir / f".{OLLAMA_DIR}.tmp"
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir()
+    try:
+        if gguf_path is not None:
+            try:
+                os.link(gguf_path, building / GGUF_NAME)
+            except OSError:  # a file system without hard links
+                shutil.copy2(gguf_path, building / GGUF_NAME)
+        else:
+            export_gguf(output_dir, building / GGUF_NAME, config)
+        (building / "Modelfile").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        shutil.rmtree(folder, ignore_errors=True)
+        building.rename(folder)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    log(f"Ollama export: {folder}\n  register it with: ollama create saige-lora -f {folder / 'Modelfile'}")
+    return folder
+
+
 def merge(output_dir: Path, model_ref: str, args) -> Path:
     """merged/: the base with the adapter folded in, a plain model for inference or GGUF conversion."""
     from peft import PeftModel
@@ -1330,7 +1588,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     out = p.add_argument_group("after training")
     out.add_argument("--merge", action="store_true", help="also write merged/: base + adapter as one plain model")
-    out.add_argument("--export", choices=["cloudflare"], help="also write a folder Workers AI LoRA accepts")
+    out.add_argument(
+        "--export",
+        action="append",
+        choices=["cloudflare", "gguf", "ollama"],
+        help="also write, after training (repeatable): cloudflare/ (a folder Workers AI LoRA accepts), gguf "
+        f"({GGUF_NAME}: the adapter for llama.cpp), ollama ({OLLAMA_DIR}/: {GGUF_NAME} and a Modelfile)",
+    )
+    out.add_argument(
+        "--ollama-base",
+        metavar="TAG",
+        help="--export ollama: the Ollama model the Modelfile builds on (FROM); default: --model when it is a .gguf",
+    )
     out.add_argument(
         "--cloudflare-base",
         choices=[name for name, _ in CLOUDFLARE_BASES.values()],
@@ -1351,7 +1620,7 @@ def build_parser() -> argparse.ArgumentParser:
 WRITTEN_FILES = (
     "adapter_model.safetensors", "adapter_config.json", "README.md", "training_args.bin", "training_summary.json",
     SIDECAR_NAME, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-    "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+    "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", GGUF_NAME,
 )  # fmt: skip
 DATA_SUFFIXES = (".csv", ".jsonl", ".json")
 
@@ -1400,7 +1669,8 @@ def output_clash(args) -> str | None:
         for flag, path in inputs.items():
             if same_file(os.path.join(out, name), path):
                 return f"--output-dir {out} would write {name} over {flag} {path}; choose another --output-dir"
-    rewritten = ["checkpoint-*", "runs"] + ["merged"] * args.merge + ["cloudflare"] * bool(args.export)
+    exports = set(args.export or [])
+    rewritten = ["checkpoint-*", "runs"] + ["merged"] * args.merge + sorted(exports & {"cloudflare", OLLAMA_DIR})
     for flag, path in inputs.items():
         for folder in rewritten:
             inside = [f for f in Path(out).glob(folder) if is_within(path, f)]
@@ -1582,7 +1852,8 @@ def run(args) -> int:
         check_columns(load_rows(Path(args.data)), Path(args.data), args.method)
     args.beta = DEFAULT_BETA.get(args.method, 0.0) if args.beta is None else args.beta
     client = connect_worker(args) if args.method == "grpo" else None
-    cloudflare = check_cloudflare(args) if args.export == "cloudflare" else None
+    exports = set(args.export or [])
+    cloudflare = check_cloudflare(args) if "cloudflare" in exports else None
     if args.model == "offline":
         args.model = offline_model_path() or ""
         if not args.model:
@@ -1592,9 +1863,14 @@ def run(args) -> int:
     device, precision = device_and_precision(args)
     if device == "cpu":
         log("no GPU found: training on the CPU in fp32 (a small model such as SmolLM2-135M trains in minutes)")
+    check_hub_architecture(args)
     model_ref = resolve_model(args.model)
     model, tokenizer = load_model_and_tokenizer(model_ref, args, device, precision)
+    base_config = model.config
     adds_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+    ollama_sidecar = ollama_format(args, tokenizer) if "ollama" in exports else None
+    if ollama_sidecar is not None:  # a format the Modelfile cannot carry fails now, not after training
+        ollama_template(ollama_sidecar, tokenizer.bos_token if adds_bos else None)
     notes: dict = {}
     data, layout, evaluation = training_data(args, tokenizer, tokenizer.bos_token if adds_bos else None, client, notes)
     log(
@@ -1657,6 +1933,11 @@ def run(args) -> int:
         merge(output_dir, model_ref, args)
     if cloudflare:
         export_cloudflare(output_dir, cloudflare)
+    gguf_path = export_gguf(output_dir, output_dir / GGUF_NAME, base_config) if "gguf" in exports else None
+    if ollama_sidecar is not None:
+        base = args.ollama_base or str(Path(args.model).expanduser().resolve())
+        bos = tokenizer.bos_token if adds_bos else None
+        export_ollama(output_dir, gguf_path, base_config, ollama_sidecar, bos, base)
     log(done_line(report, output_dir))
     return EXIT_OK
 
@@ -1696,6 +1977,7 @@ def main(argv: list[str] | None = None) -> int:
         if clash:
             parser.error(clash)
         check_inputs(args)
+        check_llama_exports(args)
         return run(args)
     except KeyboardInterrupt:
         log("interrupted")
