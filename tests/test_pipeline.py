@@ -318,3 +318,32 @@ def test_grpo_against_a_worker_without_non_storing_scores_stops_before_collectin
     assert result.returncode == 1
     assert "METHOD=grpo scores every sampled answer through the worker's /api/score" in result.stderr
     assert stored == 0 and not (tmp_path / "out" / "iter-1" / "episodes.jsonl").exists()
+
+
+def offline_selection() -> dict:
+    text = SCRIPT.read_text()
+    return dict(pair.split("=") for pair in text.split("readonly OFFLINE_SELECTION=(")[1].split(")")[0].split())
+
+
+def test_the_offline_selection_is_the_demos():
+    demo = subprocess.run(["make", "-s", "demo-settings"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    demo_settings = dict(pair.split("=") for pair in demo)
+    assert offline_selection() == {k: demo_settings[k] for k in offline_selection()}
+
+
+def test_with_no_model_and_no_threshold_the_offline_run_takes_the_demos_selection(tmp_path):
+    """SmolLM2's answers rarely reach 6.5 / good: a new user's first run must not stop at 'nothing passed'."""
+    env = settings(tmp_path, Path("unused"), BACKEND="echo", SKIP_TRAIN="1")
+    for name in ("MODEL", "FORMAT", "MAX_HARM", "MIN_BUDDHIST", "MIN_ALIGNMENT"):
+        env.pop(name)
+    result = pipeline(env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "no threshold set: using the offline model's measured selection" in result.stderr
+    convert = next(line for line in result.stderr.splitlines() if "] convert: " in line)
+    for flag, value in offline_selection().items():
+        if flag != "TRIM_UNFINISHED":
+            assert f"--{flag.lower().replace('_', '-')} {value}" in convert, (flag, convert)
+    assert "--trim-unfinished" in convert
+
+    chosen = pipeline({**env, "OUTPUT_DIR": str(tmp_path / "o2"), "MIN_BUDDHIST": "0"}, timeout=120)
+    assert "measured selection" not in chosen.stderr and "--min-buddhist 0" in chosen.stderr
