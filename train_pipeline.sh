@@ -31,6 +31,7 @@ readonly SETTINGS=(
   "DIFFICULTY|5|collector: highest scenario difficulty to ask for (1..5)"
   "TEMPERATURE|0.8|collector: sampling temperature"
   "MAX_NEW_TOKENS|96|collector and evaluator: tokens per answer"
+  "EVAL_MAX_NEW_TOKENS||evaluator: tokens per answer when the evaluation needs room the collection does not (reference answers longer than MAX_NEW_TOKENS); empty = MAX_NEW_TOKENS"
   "METHOD|sft|sft (imitate the kept answers), dpo (prefer the best answer over the worst) or grpo (online RL)"
   "EPOCHS|2|train_local.py epochs"
   "LEARNING_RATE|2e-4|train_local.py learning rate"
@@ -118,8 +119,9 @@ validate() {
     [[ "${judge}" =~ ^https?://[^/]+ ]] || die "JUDGES: ${judge} is not an http:// or https:// URL of a SAIGE worker"
   done
   local name
+  EVAL_MAX_NEW_TOKENS="${EVAL_MAX_NEW_TOKENS:-${MAX_NEW_TOKENS}}"
   for name in TRAINING_EPISODES SAMPLES_PER_SCENARIO CONCURRENCY ITERATIONS BATCH_SIZE LORA_RANK MAX_NEW_TOKENS \
-    EVAL_SAMPLES; do
+    EVAL_MAX_NEW_TOKENS EVAL_SAMPLES; do
     [[ "${!name}" =~ ^[1-9][0-9]{0,8}$ ]] || die "${name}=${!name}: must be a positive integer (at most 9 digits)"
   done
   ((LORA_RANK <= 1024)) || die "LORA_RANK=${LORA_RANK}: must be at most 1024 (8 for a Cloudflare export)"
@@ -379,7 +381,7 @@ train() {
 evaluate() {
   local dir="$1"
   local args=(--model "${dir}/adapter" --compare "${MODEL}" --worker-url "${WORKER_URL}"
-    --max-new-tokens "${MAX_NEW_TOKENS}" --report "${dir}/eval.md" --json "${dir}/eval.json"
+    --max-new-tokens "${EVAL_MAX_NEW_TOKENS}" --report "${dir}/eval.md" --json "${dir}/eval.json"
     --plot "${dir}/eval.png" -q)
   if [[ -n "${EVAL_SUITE}" ]]; then
     args+=(--suite "${EVAL_SUITE}")

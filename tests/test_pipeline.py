@@ -61,9 +61,11 @@ def workers_on(db: Path) -> list[str]:
 
 @pytest.mark.slow  # a whole training run or pipeline: `make test-slow` (CI runs both)
 def test_one_iteration_end_to_end(tiny_model, tmp_path):
-    env = settings(tmp_path, tiny_model, BEST_PER_SCENARIO="1", TRIM_UNFINISHED="1")
+    env = settings(tmp_path, tiny_model, BEST_PER_SCENARIO="1", TRIM_UNFINISHED="1", EVAL_MAX_NEW_TOKENS="12")
     result = pipeline(env)
     assert result.returncode == 0, result.stderr[-3000:]
+    steps = {line.split("] ")[1].split(":")[0]: line for line in result.stderr.splitlines() if "] " in line}
+    assert "--max-new-tokens 8 " in steps["collect"] and "--max-new-tokens 12 " in steps["evaluate"]
     it = tmp_path / "out" / "iter-1"
     for name in [
         "episodes.jsonl",
@@ -163,6 +165,7 @@ def test_ctrl_c_stops_everything(tiny_model, tmp_path):
         ("FORMAT", "alpaca", "FORMAT=alpaca"),
         ("METHOD", "ppo", "METHOD=ppo: use sft, dpo or grpo"),
         ("BEST_PER_SCENARIO", "0", "BEST_PER_SCENARIO=0: a positive integer, or empty for all"),
+        ("EVAL_MAX_NEW_TOKENS", "0", "EVAL_MAX_NEW_TOKENS=0: must be a positive integer"),
     ],
 )
 def test_bad_setting_is_one_clear_line(tmp_path, tiny_model, name, value, message):
