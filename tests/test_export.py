@@ -1,6 +1,6 @@
 """train_local.py --export gguf / ollama: a real short training, the adapter read back with gguf.GGUFReader and
 checked against peft's own tensors (names, shapes, llama.cpp's q/k row permutation), and the Ollama Modelfile.
-llama.cpp itself is not run here."""
+llama.cpp itself is not run here: tests/test_llamacpp.py does (slow, with requirements-llamacpp.txt)."""
 
 from __future__ import annotations
 
