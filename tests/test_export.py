@@ -232,27 +232,21 @@ def test_unsupported_architecture_is_refused_before_loading(saige_data, tiny_mod
         assert "gpt2" in result.stderr
 
 
-def test_ollama_without_a_base_is_refused_before_loading(saige_data, tiny_model, tmp_path):  # noqa: F811
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        pytest.param(["--export", "gguf", "--export", "ollama"], "--ollama-base", id="ollama-without-a-base"),
+        pytest.param(
+            ["--export", "gguf", "--target-modules", "q_proj,embed_tokens"], "embed_tokens", id="embedding-lora"
+        ),
+        pytest.param(["--ollama-base", "x:1"], "--ollama-base", id="ollama-base-without-ollama-export"),
+    ],
+)
+def test_export_flags_it_cannot_honour_are_refused_before_loading(saige_data, tiny_model, tmp_path, args, pattern):  # noqa: F811
     data = convert(saige_data, tmp_path / "train.csv")
     out = tmp_path / "out"
     started = time.monotonic()
-    result = train(data, tiny_model, out, "--export", "gguf", "--export", "ollama")
-    refused(result, started, out, "--ollama-base")
-
-
-def test_embedding_lora_is_refused_before_loading(saige_data, tiny_model, tmp_path):  # noqa: F811
-    data = convert(saige_data, tmp_path / "train.csv")
-    out = tmp_path / "out"
-    started = time.monotonic()
-    result = train(data, tiny_model, out, "--export", "gguf", "--target-modules", "q_proj,embed_tokens")
-    refused(result, started, out, "embed_tokens")
-
-
-def test_ollama_base_without_ollama_export_is_refused(saige_data, tiny_model, tmp_path):  # noqa: F811
-    data = convert(saige_data, tmp_path / "train.csv")
-    out = tmp_path / "out"
-    result = run(SCRIPT, "--data", data, "--model", tiny_model, "--output-dir", out, "--ollama-base", "x:1")
-    refused(result, time.monotonic(), out, "--ollama-base")
+    refused(train(data, tiny_model, out, *args), started, out, pattern)
 
 
 def test_help_lists_the_export_flags():
