@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
+import operator
 import os
 import re
 import secrets
@@ -130,6 +132,8 @@ INVENTED_TURN = re.compile(
     r"(?:^|\n)\s*(?:user|human|person|q|question)\s*:|<\|user\|>|<\|im_start\|>|\[INST\]|<\|start_header_id\|>",
     re.IGNORECASE,
 )
+
+BATCH_ROWS = 256  # rows fetched, rendered and written at a time: a few hundred KB, whatever the database size
 
 # 6, not 1: a script (the pipeline) must tell "nothing passed the filters" from a bad input without reading stderr
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_NO_MATCH, EXIT_INTERRUPTED = 0, 1, 2, 6, 130
@@ -471,8 +475,8 @@ def sql_params(args: argparse.Namespace) -> dict:
 def selection_sql(args: argparse.Namespace) -> str:
     """The selected experiences, best-per-scenario and dedup applied, in the contract's order."""
     base = classified_sql(args)
-    # tally() counts every row's stage as SQLite scans it, so one pass gives both the rows and the report.
-    rows = "SELECT * FROM classified WHERE tally(stage) = 'selected'"
+    # the stage counters count every row's stage as SQLite scans it, so one pass gives both the rows and the report
+    rows = f"SELECT * FROM classified WHERE {StageCounter.keeps_selected('stage')}"
     if args.dedup:  # keep the lowest-harm, newest copy of each (scenario, normalised answer)
         rows = (
             "SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY scenario_id, dedup_key(ai_response)"
@@ -599,28 +603,42 @@ def utf8_ok(*values) -> int:
     """1 when every value (TEXT cast to BLOB, or NULL) is valid UTF-8, else 0 (the SQL's utf8_ok)."""
     try:
         for value in values:
-            if value is not None:
+            if value is not None and not value.isascii():  # isascii(): most text, checked without a copy
                 bytes(value).decode("utf-8")
     except UnicodeDecodeError:
         return 0
     return 1
 
 
-def count_stages(conn: sqlite3.Connection) -> Counter:
-    """Register tally(stage) on the connection: it counts each stage it sees and returns it unchanged."""
-    funnel: Counter = Counter()
+class StageCounter:
+    """Counts each row's stage as SQLite scans it. SQLite calls one counter per row, the C __next__ of the stage's
+    itertools.count: a Python function taking the stage cost five times as much (0.35 s a million rows)."""
 
-    def tally(stage: str) -> str:
-        funnel[stage] += 1
-        return stage
+    STAGES = [stage for stage, _ in FUNNEL] + ["selected"]
 
-    conn.create_function("tally", 1, tally)
-    return funnel
+    def __init__(self, conn: sqlite3.Connection):
+        self.counters = {stage: itertools.count() for stage in self.STAGES}
+        for stage, counter in self.counters.items():
+            conn.create_function(f"count_{stage}", 0, counter.__next__)
+        # no Python runs per row any more, so Ctrl-C would wait for the end of the scan: look at signals now and then
+        conn.set_progress_handler(lambda: 0, 100_000)
+
+    @classmethod
+    def keeps_selected(cls, stage: str) -> str:
+        """SQL that counts the row's stage (evaluating `stage` once) and is true for a selected row only."""
+        whens = " ".join(f"WHEN '{s}' THEN count_{s}() {'>=' if s == 'selected' else '<'} 0" for s in cls.STAGES)
+        return f"CASE {stage} {whens} END"
+
+    def funnel(self) -> Counter:
+        """The rows counted at each stage; read it once, when the scan is over (reading a counter adds one)."""
+        return Counter({stage: n for stage, counter in self.counters.items() if (n := next(counter))})
 
 
 def clean_response(text: str) -> str:
     """Strip role prefixes, cut invented follow-up turns, trim whitespace."""
-    if ":" not in text and "<|" not in text and "[INST]" not in text:  # most answers: skip the regexes
+    # most answers: skip the regexes. Looking for "|" and "[" first is the same test, faster: a one-character search
+    # is a memchr, a two-character one was 6x slower on a 1 KB answer.
+    if ":" not in text and ("|" not in text or "<|" not in text) and ("[" not in text or "[INST]" not in text):
         return text.strip()
     text = ROLE_PREFIX.sub("", text or "")
     turn = INVENTED_TURN.search(text)
@@ -811,6 +829,22 @@ class Stats:
         self.alignment[alignment] += 1
         self.difficulty[difficulty] += 1
 
+    def add_rows(self, rows: list) -> None:
+        """add() for each selected row (selection_sql()'s columns), in C loops: reduce() adds in the same order as
+        add() (sum() of floats need not, from Python 3.12), and min() and max() keep the first of equal values, as
+        add()'s strict comparisons do."""
+        if not rows:
+            return
+        _, _, _, harms, alignments, weights, difficulties = zip(*rows)
+        self.n += len(rows)
+        self.harm_sum = functools.reduce(operator.add, harms, self.harm_sum)
+        self.weighted_sum = functools.reduce(operator.add, weights, self.weighted_sum)
+        self.harm_min, self.harm_max = min(self.harm_min, min(harms)), max(self.harm_max, max(harms))
+        self.weighted_min = min(self.weighted_min, min(weights))
+        self.weighted_max = max(self.weighted_max, max(weights))
+        self.alignment.update(alignments)
+        self.difficulty.update(difficulties)
+
 
 def user_turns(conn: sqlite3.Connection):
     """A cached scenario id -> user turn lookup: a few thousand scenarios serve a million experiences."""
@@ -834,25 +868,81 @@ def user_turns(conn: sqlite3.Connection):
 
 def example_rows(rows, args, template, user_for, stats: Stats, counts: Counter):
     """(example, metadata in CSV column order) for each selected row; cleans answers, honours --limit."""
-    for row in rows:
+    for eid, sid, raw, harm, alignment, weighted, difficulty in rows:  # selection_sql()'s columns
         if args.limit is not None and counts["written"] >= args.limit:
             break
-        raw = row["ai_response"]
-        answer = clean_response(raw) if args.clean else raw
-        if not answer.strip():
-            counts["dropped_empty_after_cleanup"] += 1
+        answer = final_answer(raw, args, counts)
+        if answer is None:
             continue
-        if args.trim_unfinished and trim_unfinished(answer) != answer.rstrip():
-            answer = trim_unfinished(answer)
-            counts["trimmed_unfinished"] += 1
-        if len(answer) != len(raw) and answer != raw.strip():
-            counts["cleaned"] += 1
-        harm, weighted, alignment, difficulty = row["actual_harm"], row["weighted"], row["alignment"], row["difficulty"]
-        meta = (harm, alignment, round(weighted, 4), difficulty, row["scenario_id"], row["id"])
+        meta = (harm, alignment, round(weighted, 4), difficulty, sid, eid)
         stats.add(harm, weighted, alignment, difficulty)
         counts["written"] += 1
-        example = make_row(args.layout, template, user_for(row["scenario_id"]), answer)
+        example = make_row(args.layout, template, user_for(sid), answer)
         yield example, (*meta, "experience") if args.include_gold else meta
+
+
+def final_answer(raw: str, args, counts: Counter) -> str | None:
+    """The answer as written (cleaned, trimmed as asked), or None when cleanup left nothing; counts what it did."""
+    answer = clean_response(raw) if args.clean else raw
+    if not answer.strip():
+        counts["dropped_empty_after_cleanup"] += 1
+        return None
+    if args.trim_unfinished and trim_unfinished(answer) != answer.rstrip():
+        answer = trim_unfinished(answer)
+        counts["trimmed_unfinished"] += 1
+    if len(answer) != len(raw) and answer != raw.strip():
+        counts["cleaned"] += 1
+    return answer
+
+
+def csv_text_lines(rows, args, template: ChatTemplate, user_for, stats: Stats, counts: Counter):
+    """Lists of CSV lines, byte for byte what example_rows() and write_rows() made of the selected rows, a batch at a
+    time and without a dict, a tuple and seven csv_field() calls per row (they were most of the Python time of a
+    million-row run). `rows` yields lists of plain tuples in selection_sql()'s column order."""
+    prompts = PromptFields(template, user_for)
+    source = ",experience" if args.include_gold else ""
+    end, end_escaped = template.end, template.end.replace('"', '""')
+    for batch in rows:
+        lines, kept = [], []
+        for row in batch:
+            eid, sid, raw, harm, alignment, weighted, difficulty = row
+            if args.limit is not None and counts["written"] >= args.limit:
+                break
+            answer = final_answer(raw, args, counts)
+            if answer is None:
+                continue
+            # str() of each value, as csv_field() writes it; none needs quotes (numbers, one of the alignment words)
+            meta = f",{harm},{alignment},{round(weighted, 4)},{difficulty},{sid},{eid}{source}\r\n"
+            prompt, escaped, quoted = prompts[sid]
+            if quoted or needs_quotes(answer):  # quoting the whole text is quoting each part: '"' is one character
+                lines.append('"' + escaped + answer.replace('"', '""') + end_escaped + '"' + meta)
+            else:
+                lines.append(f"{prompt}{answer}{end}{meta}")
+            kept.append(row)
+            counts["written"] += 1
+        stats.add_rows(kept)
+        yield lines
+        if args.limit is not None and counts["written"] >= args.limit:
+            return
+
+
+def needs_quotes(text: str) -> bool:
+    """Whether csv_field() quotes this text."""
+    return '"' in text or "," in text or "\n" in text or "\r" in text
+
+
+class PromptFields(dict):
+    """scenario id -> (its rendered prompt, the same with '"' doubled, whether prompt + template.end need quotes)."""
+
+    def __init__(self, template: ChatTemplate, user_for):
+        super().__init__()
+        self.template, self.user_for = template, user_for
+
+    def __missing__(self, scenario_id):
+        prompt = self.template.render(self.user_for(scenario_id))
+        quoted = needs_quotes(prompt) or needs_quotes(self.template.end)
+        self[scenario_id] = value = (prompt, prompt.replace('"', '""'), quoted)
+        return value
 
 
 def gold_rows(conn, args, template, user_for, counts: Counter):
@@ -874,16 +964,23 @@ def csv_field(value) -> str:
     return value
 
 
-def write_rows(handle, rows, output_format: str, columns: list[str]) -> None:
-    """Write JSONL, or CSV with a header, in batches of lines (one write call per line was measurably slow)."""
+def write_jsonl(handle, rows, columns: list[str]) -> None:
+    """Write JSONL in batches of lines (one write call per line was measurably slow)."""
     meta_columns = columns[1:]
-    if output_format == "jsonl":
-        lines = (json.dumps({**ex, **dict(zip(meta_columns, meta))}, ensure_ascii=False) + "\n" for ex, meta in rows)
-    else:
-        handle.write(",".join(columns) + "\r\n")
-        lines = (",".join([csv_field(ex["text"]), *map(csv_field, meta)]) + "\r\n" for ex, meta in rows)
+    lines = (json.dumps({**ex, **dict(zip(meta_columns, meta))}, ensure_ascii=False) + "\n" for ex, meta in rows)
     while batch := list(itertools.islice(lines, 1024)):
         handle.writelines(batch)
+
+
+def write_csv(handle, line_batches, gold, columns: list[str], bar) -> None:
+    """The CSV file: the header, the experiences' lines (one write per batch), then the gold examples'."""
+    handle.write(",".join(columns) + "\r\n")
+    for lines in line_batches:
+        handle.write("".join(lines))
+        bar.update(len(lines))
+    for example, meta in gold:
+        handle.write(",".join([csv_field(example["text"]), *map(csv_field, meta)]) + "\r\n")
+        bar.update()
 
 
 def dpo_pairs(conn, args, template, user_for, counts: Counter):
@@ -1270,11 +1367,14 @@ def convert_database(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
     template = resolve_template(args.format, args.tokenizer, args.system_prompt)
     if args.layout == "messages" and template.system is None:  # the trainer's chat template renders any system turn
         template = template._replace(system=DEFAULT_SYSTEM_PROMPT)
-    funnel = count_stages(conn)
+    stages = StageCounter(conn)
     started = time.monotonic()
     args.heldout_scenarios = mark_heldout(conn, args.heldout_fraction, args.heldout_contexts)
-    selected = conn.execute(selection_sql(args), sql_params(args))
-    first = selected.fetchone()  # the ORDER BY makes SQLite scan every row first, so the funnel is complete
+    selected = conn.cursor()
+    selected.row_factory = None  # plain tuples: building a sqlite3.Row per row was a measurable cost
+    selected.execute(selection_sql(args), sql_params(args))
+    first = selected.fetchone()
+    funnel = stages.funnel()  # complete: the ORDER BY makes SQLite scan every row before it returns the first
     if first is None:
         print(no_match_message(funnel, args), file=sys.stderr)
         return EXIT_NO_MATCH
@@ -1283,10 +1383,16 @@ def convert_database(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
     user_for = user_turns(conn)
     with OutputSet() as outputs:
         with outputs.open(args.output) as out:
-            rows = example_rows(itertools.chain([first], selected), args, template, user_for, stats, counts)
-            if args.include_gold:
-                rows = (r for part in (rows, gold_rows(conn, args, template, user_for, counts)) for r in part)
-            write_rows(out, progress(rows, funnel["selected"], args.quiet), args.output_format, columns)
+            batches = itertools.chain([[first]], iter(lambda: selected.fetchmany(BATCH_ROWS), []))
+            gold = gold_rows(conn, args, template, user_for, counts) if args.include_gold else ()
+            if args.output_format == "csv":
+                with progress(None, funnel["selected"], args.quiet) as bar:
+                    lines = csv_text_lines(batches, args, template, user_for, stats, counts)
+                    write_csv(out, lines, gold, columns, bar)
+            else:
+                rows = example_rows(itertools.chain.from_iterable(batches), args, template, user_for, stats, counts)
+                rows = itertools.chain(rows, gold)
+                write_jsonl(out, progress(rows, funnel["selected"], args.quiet), columns)
         if not counts["written"]:
             raise NoMatch("every selected answer was empty after cleanup; try --no-clean")
         if args.dpo_output:
