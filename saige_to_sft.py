@@ -896,7 +896,7 @@ def final_answer(raw: str, args, counts: Counter) -> str | None:
 
 
 def csv_text_lines(rows, args, template: ChatTemplate, user_for, stats: Stats, counts: Counter):
-    """Lists of CSV lines, byte for byte what example_rows() and write_rows() made of the selected rows, a batch at a
+    """Lists of CSV lines, byte for byte what example_rows() and csv_field() made of the selected rows, a batch at a
     time and without a dict, a tuple and seven csv_field() calls per row (they were most of the Python time of a
     million-row run). `rows` yields lists of plain tuples in selection_sql()'s column order."""
     prompts = PromptFields(template, user_for)
