@@ -165,6 +165,21 @@ def test_training_writes_the_files_users_deploy(saige_data, tiny_model, tmp_path
     assert generated.shape[1] > 1
 
 
+def test_cpu_memory_settings_leave_the_losses_as_they_were(saige_data, tiny_model, tmp_path):
+    """On a CPU, gradient checkpointing is on by default, with a fixed malloc threshold and a small LM-head chunk
+    (fit_cpu_memory): less memory, the same numbers."""
+    data = convert(saige_data, tmp_path / "train.csv")
+    reports = []
+    for name, extra in (("default", []), ("plain", ["--no-gradient-checkpointing"])):
+        result = train(data, tiny_model, tmp_path / name, "--max-steps", "4", "--logging-steps", "1", *extra)
+        assert result.returncode == 0, result.stderr
+        reports.append(json.loads((tmp_path / name / "training_summary.json").read_text()))
+    default, plain = reports
+    assert default["args"]["gradient_checkpointing"] is True and plain["args"]["gradient_checkpointing"] is False
+    losses = [[h["loss"] for h in r["loss_history"] if "loss" in h] for r in reports]
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
 @pytest.mark.parametrize("layout", ["messages", "prompt-completion"])
 def test_jsonl_layouts_train(saige_data, tiny_model, tmp_path, layout):
     data = convert(saige_data, tmp_path / "train.jsonl", "--output-format", "jsonl", "--layout", layout)
