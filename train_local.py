@@ -711,10 +711,21 @@ def device_and_precision(args) -> tuple[str, str]:
     else:
         device, auto = "cpu", "fp32"
     precision = auto if args.precision == "auto" else args.precision
-    if device != "cuda" and precision in ("bf16", "fp16") and args.precision != "auto":
-        log(f"{precision} asked for on {device}; mixed precision needs a GPU here, training in fp32")
+    if device != "cuda" and precision in ("bf16", "fp16") and not cpu_bf16(device, precision):
+        log(f"{precision} asked for on {device}; it needs a GPU, or bf16 a CPU with AVX-512 BF16/AMX: training in fp32")
         precision = "fp32"
     return device, precision
+
+
+def cpu_bf16(device: str, precision: str) -> bool:
+    """Whether this is bf16 on a CPU that computes it in hardware (autocast; emulated bf16 is slower than fp32)."""
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    has_bf16 = any(
+        getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+    return device == "cpu" and precision == "bf16" and has_bf16
 
 
 def quantization_config(args, device: str):
@@ -1544,7 +1555,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=["auto", "bf16", "fp16", "fp32"],
         default="auto",
-        help="auto: bf16 or fp16 on a GPU that supports it, else fp32 (default: %(default)s)",
+        help="auto: bf16 or fp16 on a GPU that supports it, else fp32; bf16 also runs on a CPU with AVX-512 BF16 or "
+        "AMX (default: %(default)s)",
     )
     train.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="same as --precision bf16")
     train.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="same as --precision fp16")
@@ -1888,7 +1900,7 @@ def run(args) -> int:
     output_dir = prepare_output_dir(args)
     device, precision = device_and_precision(args)
     if device == "cpu":
-        log("no GPU found: training on the CPU in fp32 (a small model such as SmolLM2-135M trains in minutes)")
+        log(f"no GPU found: training on the CPU in {precision} (a small model such as SmolLM2-135M trains in minutes)")
         fit_cpu_memory()
     if args.gradient_checkpointing is None:
         # on a CPU it is faster as well as smaller (SmolLM2-135M, batch 8: 94 against 85 tokens/s, 1.4 against

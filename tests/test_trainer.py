@@ -180,6 +180,18 @@ def test_cpu_memory_settings_leave_the_losses_as_they_were(saige_data, tiny_mode
     assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
+def test_bf16_on_a_cpu_that_has_it(saige_data, tiny_model, tmp_path):
+    import torch
+
+    data = convert(saige_data, tmp_path / "train.csv")
+    result = train(data, tiny_model, tmp_path / "out", "--max-steps", "2", "--precision", "bf16")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    expected = "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "fp32"
+    assert report["precision"] == expected and report["final_train_loss"] is not None
+    assert report["final_train_loss"] == report["final_train_loss"]  # not NaN
+
+
 @pytest.mark.parametrize("layout", ["messages", "prompt-completion"])
 def test_jsonl_layouts_train(saige_data, tiny_model, tmp_path, layout):
     data = convert(saige_data, tmp_path / "train.jsonl", "--output-format", "jsonl", "--layout", layout)
