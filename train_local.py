@@ -1,6 +1,6 @@
 # /// script
 # requires-python = ">=3.9"
-# dependencies = ["torch", "transformers>=5", "trl>=1", "peft", "datasets", "accelerate", "gguf",
+# dependencies = ["torch", "transformers>=5", "trl>=1", "peft", "datasets", "accelerate", "gguf", "pyyaml",
 #                 "bitsandbytes; platform_system == 'Linux'"]
 # ///
 """LoRA / QLoRA fine-tuning of a chat model on SAIGE data: SFT, DPO, or GRPO against a SAIGE worker.
@@ -1441,6 +1441,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     io = p.add_argument_group("data, model and output")
     io.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="a recipe: any of these flags as YAML keys (epochs: 3, lora-rank: 8, export: [gguf]); flags given on "
+        "the command line win (examples/recipes/)",
+    )
+    io.add_argument(
         "--method",
         choices=METHODS,
         default="sft",
@@ -1998,6 +2004,58 @@ def done_line(report: dict, output_dir: Path) -> str:
     return f"{line}; adapter in {output_dir}"
 
 
+def apply_recipe(parser: argparse.ArgumentParser, argv: list[str] | None) -> None:
+    """--config FILE.yaml: the recipe's settings become the parser's defaults, so the command line overrides them
+    and every value goes through the same checks as the flag's."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    path = pre.parse_known_args(argv)[0].config
+    if path is None:
+        return
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        parser.error(f"--config {path}: cannot read it ({e.strerror or e})")
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        parser.error(f"--config {path}: cannot read it as YAML ({str(e).splitlines()[0]})")
+    if not isinstance(recipe, dict):
+        parser.error(f"--config {path}: expected a mapping of flag names to values (epochs: 3)")
+    flags = {o.lstrip("-"): a for a in parser._actions for o in a.option_strings if o.startswith("--")}
+    for key, value in recipe.items():
+        action = flags.get(str(key).replace("_", "-"))
+        if action is None or action.dest in ("config", "help"):
+            parser.error(f"--config {path}: {key!r} is not a flag of train_local.py (see --help)")
+        value = recipe_value(parser, action, value, f"--config {path}: {key}")
+        if str(key).replace("_", "-").startswith("no-") and isinstance(action, argparse.BooleanOptionalAction):
+            value = not value  # no-group-by-length: true
+        parser.set_defaults(**{action.dest: value})
+
+
+def recipe_value(parser: argparse.ArgumentParser, action: argparse.Action, value, where: str):
+    """A recipe's value checked and converted as the command line's would be."""
+    if action.nargs == 0:  # switches: store_true, --bf16 (store_const) and --group-by-length/--no-...
+        if not isinstance(value, bool):
+            parser.error(f"{where}: expected true or false, got {value!r}")
+        if isinstance(action, argparse._StoreConstAction) and action.const not in (True, False):
+            return action.const if value else parser.get_default(action.dest)  # bf16: false leaves --precision
+        return value if not isinstance(action, argparse._StoreFalseAction) else not value
+    values = value if isinstance(action, argparse._AppendAction) and isinstance(value, list) else [value]
+    converted = []
+    for item in values:
+        if isinstance(item, (dict, list)) or item is None:
+            parser.error(f"{where}: expected a single value, got {item!r}")
+        try:
+            item = action.type(str(item)) if action.type else str(item)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+            parser.error(f"{where}: {e}")
+        if action.choices is not None and item not in action.choices:
+            parser.error(f"{where}: {item!r} is not one of {', '.join(map(str, action.choices))}")
+        converted.append(item)
+    return converted if isinstance(action, argparse._AppendAction) else converted[0]
+
+
 def check_usage(parser: argparse.ArgumentParser, args) -> None:
     if args.method in ("sft", "dpo") and not args.data:
         parser.error(f"--method {args.method} needs --data (the converter's output)")
@@ -2014,6 +2072,7 @@ def check_usage(parser: argparse.ArgumentParser, args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    apply_recipe(parser, argv)
     args = parser.parse_args(argv)
     try:
         check_usage(parser, args)

@@ -37,6 +37,7 @@ readonly SETTINGS=(
   "LEARNING_RATE|2e-4|train_local.py learning rate"
   "BATCH_SIZE|8|train_local.py batch size"
   "LORA_RANK|16|train_local.py LoRA rank"
+  "TRAIN_CONFIG||train_local.py --config recipe (YAML, e.g. examples/recipes/demo-sft.yaml) for any other trainer flag; the variables above win over it"
   "TRAIN_MINUTES||stop training after this many minutes (the adapter is kept); empty = no limit"
   "SEED||collection and training seed; empty = unseeded sampling, the trainer's default seed (42)"
   "EVAL_SAMPLES|1|evaluator: answers per held-out scenario; 1 = greedy, more = sampled at EVAL_TEMPERATURE"
@@ -153,6 +154,12 @@ validate() {
   if [[ -n "${EVAL_SUITE}" ]]; then
     [[ -f "${EVAL_SUITE}" ]] || die "EVAL_SUITE=${EVAL_SUITE}: no such file; give a JSON or JSONL file of scenarios"
     [[ ! "${EVAL_SUITE}" -ef "${DB_PATH}" ]] || die "EVAL_SUITE=${EVAL_SUITE} is the database DB_PATH; give a scenario file"
+  fi
+  if [[ -n "${TRAIN_CONFIG}" ]]; then  # the trainer's own recipe check, now rather than after the collection
+    local problem
+    problem="$("${PYTHON}" -c 'import sys; sys.path.insert(0, sys.argv[1]); import train_local as t
+t.apply_recipe(t.build_parser(), ["--config", sys.argv[2]])' "${SCRIPT_DIR}" "${TRAIN_CONFIG}" 2>&1 >/dev/null)" \
+      || die "TRAIN_CONFIG=${TRAIN_CONFIG}: not a usable recipe: ${problem##*--config "${TRAIN_CONFIG}": }"
   fi
   check_paths
 }
@@ -373,6 +380,7 @@ train() {
     grpo) args+=(--worker-url "${WORKER_URL}" --max-completion-length "${MAX_NEW_TOKENS}") ;;
   esac
   if [[ "${USE_4BIT}" == 1 ]]; then args+=(--use-4bit); fi
+  if [[ -n "${TRAIN_CONFIG}" ]]; then args+=(--config "${TRAIN_CONFIG}"); fi
   if [[ -n "${TRAIN_MINUTES}" ]]; then args+=(--max-minutes "${TRAIN_MINUTES}"); fi
   if [[ -n "${SEED}" ]]; then args+=(--seed "${SEED}"); fi
   run_step train "${dir}/train.log" "${PYTHON}" "${SCRIPT_DIR}/train_local.py" "${args[@]}"

@@ -44,6 +44,8 @@ BAD = [
     ("db-in-iter", {"DB_PATH": "{tmp}/out/iter-1/saige.db"}, r"lies in .*iter-1, which the pipeline writes"),
     ("db-is-summary", {"DB_PATH": "{tmp}/out/summary.txt"}, r"lies in .*summary\.txt, which the pipeline writes"),
     ("db-is-folder", {"DB_PATH": "{tmp}"}, r"DB_PATH=.* is a folder"),
+    ("train-config-missing", {"TRAIN_CONFIG": "{tmp}/none.yaml"}, r"none\.yaml: not a usable recipe: cannot read"),
+    ("train-config-typo", {"TRAIN_CONFIG": "{tmp}/typo.yaml"}, r"not a usable recipe: 'epoch' is not a flag"),
     ("out-under-a-file", {"OUTPUT_DIR": "{db}/out"}, r"cannot be made: .*saige\.db is a file"),
 ]
 
@@ -51,6 +53,7 @@ BAD = [
 @pytest.mark.parametrize("extra, pattern", [pytest.param(*row[1:], id=row[0]) for row in BAD])
 def test_bad_settings_fail_at_once(tmp_path, extra, pattern):
     (tmp_path / "model").mkdir()
+    (tmp_path / "typo.yaml").write_text("epoch: 3\n")
     db = tmp_path / "saige.db"
     db.write_bytes(b"SQLite format 3\x00 the user's experiences")
     for relative in ("out/iter-1/saige.db", "out/summary.txt"):

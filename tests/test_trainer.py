@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -407,3 +408,52 @@ def test_smollm2_loss_falls(tmp_path, saige_data):
         h["loss"] for h in json.loads((out / "training_summary.json").read_text())["loss_history"] if "loss" in h
     ]
     assert sum(history[-3:]) / 3 < sum(history[:3]) / 3
+
+
+def test_recipe_sets_flags_and_the_command_line_wins(saige_data, tiny_model, tmp_path):
+    data = convert(saige_data, tmp_path / "train.csv")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("epochs: 1\nlora_rank: 4\nlora-alpha: 8\nmax-steps: 2\nno-group-by-length: true\nbf16: false\n")
+    out = tmp_path / "out"
+    result = train(data, tiny_model, out, "--config", str(recipe), "--lora-rank", "2")
+    assert result.returncode == 0, result.stderr
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 2 and adapter["lora_alpha"] == 8
+    used = json.loads((out / "training_summary.json").read_text())["args"]
+    assert used["epochs"] == 1 and used["max_steps"] == 2 and used["group_by_length"] is False
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("epochs: 1\nlearning_rat: 0.1\n", "'learning_rat' is not a flag of train_local.py"),
+        ("epochs: -1\n", "--config"),
+        ("packing: maybe\n", "expected true or false"),
+        ("method: sideways\n", "is not one of"),
+        ("- epochs\n", "expected a mapping"),
+        ("epochs: [1\n", "cannot read it as YAML"),
+    ],
+)
+def test_bad_recipe_is_one_line_before_loading_anything(tmp_path, text, message):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    out = tmp_path / "out"
+    args = ("--data", "missing.csv", "--model", "no-such-model", "--output-dir", str(out))
+    result = run(SCRIPT, "--config", str(recipe), *args)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # argparse's usage, then the one error line
+    assert last.startswith("train_local.py: error: --config") and message in last and not out.exists()
+
+
+def test_demo_recipe_matches_the_demo():
+    import yaml
+
+    recipe = yaml.safe_load((ROOT / "examples" / "recipes" / "demo-sft.yaml").read_text())
+    make = subprocess.run(["make", "-s", "demo-settings"], cwd=ROOT, capture_output=True, text=True, check=True)
+    demo = dict(item.split("=", 1) for item in make.stdout.split())
+    pipeline = (ROOT / "train_pipeline.sh").read_text()
+    assert recipe["model"] == "offline" and recipe["method"] == "sft"
+    assert recipe["epochs"] == int(demo["EPOCHS"])
+    for key, name in (("batch-size", "BATCH_SIZE"), ("learning-rate", "LEARNING_RATE"), ("lora-rank", "LORA_RANK")):
+        default = re.search(rf'"{name}\|([^|]*)\|', pipeline).group(1)
+        assert float(recipe[key]) == float(default), name
