@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import concurrent.futures
+import contextlib
 import csv
 import importlib.util
 import json
@@ -52,6 +53,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -673,6 +675,19 @@ def dequantized_copy(gguf: Path) -> Path:
     target = CACHE_DIR / f"{gguf.stem}-{gguf.stat().st_size}"
     if (target / "config.json").is_file():
         return target
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    # one process builds it; the others (the ranks of `accelerate launch`, a second run) wait, then reuse it
+    with open(CACHE_DIR / f"{target.name}.lock", "w") as lock:
+        with contextlib.suppress(ImportError):
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").is_file():
+            build_dequantized(gguf, target)
+    return target
+
+
+def build_dequantized(gguf: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log(f"dequantizing {gguf.name} into {target} (once; later runs reuse it)")
@@ -682,11 +697,14 @@ def dequantized_copy(gguf: Path) -> Path:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config)
     plain.load_state_dict(loaded.state_dict())
-    tmp = target.with_name(target.name + ".tmp")
-    plain.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
-    tmp.replace(target)
-    return target
+    tmp = Path(tempfile.mkdtemp(dir=CACHE_DIR, prefix=f"{target.name}.tmp-"))
+    try:
+        plain.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)  # a folder an interrupted older version left without config.json
+        tmp.replace(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_model(name: str) -> str:

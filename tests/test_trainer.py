@@ -457,3 +457,26 @@ def test_demo_recipe_matches_the_demo():
     for key, name in (("batch-size", "BATCH_SIZE"), ("learning-rate", "LEARNING_RATE"), ("lora-rank", "LORA_RANK")):
         default = re.search(rf'"{name}\|([^|]*)\|', pipeline).group(1)
         assert float(recipe[key]) == float(default), name
+
+
+@pytest.mark.slow
+def test_two_processes_dequantize_the_gguf_once(tmp_path):
+    """Ranks of `accelerate launch` (or two runs) asking for the same GGUF at once: one builds the cache, the
+    other waits and reuses it; no half-written folder is ever visible."""
+    code = (
+        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import train_local as t; "
+        "print(t.dequantized_copy(Path(t.offline_model_path())))"
+    )
+    env = {**os.environ, "SAIGE_CACHE": str(tmp_path / "cache")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(ROOT)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), results
+    folders = {out.strip() for out, _ in results}
+    assert len(folders) == 1 and (Path(folders.pop()) / "config.json").is_file()
+    assert sum(err.count("dequantizing") for _, err in results) == 1
+    assert [p.name for p in (tmp_path / "cache").iterdir() if ".tmp-" in p.name] == []
