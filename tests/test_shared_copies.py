@@ -13,6 +13,7 @@ EXPECTED = {  # block -> the scripts that must carry it
     "heldout suite": {"saige_to_sft.py", "collect_experiences.py"},
     "d1 dump": {"saige_to_sft.py", "test_model.py"},
     "prompt encoding": {"collect_experiences.py", "test_model.py"},
+    "generation speed": {"collect_experiences.py", "test_model.py"},
     "offline model": {"collect_experiences.py", "test_model.py", "train_local.py"},
     "system prompt": {"saige_to_sft.py", "collect_experiences.py", "test_model.py", "train_local.py"},
     "contract scores": {"saige_to_sft.py", "collect_experiences.py", "saige_worker.py"},
