@@ -296,27 +296,13 @@ def encode_prompts(tokenizer, texts: list[str], from_sidecar: bool):
 GENERATION_PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # train_local.py's --precision names
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AMX or AVX-512 BF16: Intel Sapphire Rapids and later, AMD Zen 4);
-    elsewhere bf16 on the CPU is emulated and slower than fp32. Linux only: False where /proc/cpuinfo is missing."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def generation_precision(precision: str, device: str, gpu_bf16: bool) -> str | None:
-    """'bf16'|'fp16'|'fp32' to generate in: auto is bf16 on a GPU that supports it, bf16 on a CPU with native bf16
-    (measured faster there with the same answer quality: README), fp32 elsewhere. None: fp16 asked for on a CPU
-    (no fast fp16 kernels there)."""
+    """'bf16'|'fp16'|'fp32' to generate in: auto is bf16 on a GPU that supports it, else fp32 (on a CPU too: bf16
+    there is opt-in until its speed and answer quality are measured, README). None: fp16 asked for on a CPU (no
+    fast fp16 kernels there)."""
     if precision != "auto":
         return None if precision == "fp16" and device == "cpu" else precision
-    if device == "cuda":
-        return "bf16" if gpu_bf16 else "fp32"
-    if device == "cpu" and cpu_has_bf16():
-        return "bf16"
-    return "fp32"
+    return "bf16" if device == "cuda" and gpu_bf16 else "fp32"
 
 
 def length_sorted(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -1216,8 +1202,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=GENERATION_PRECISIONS,
         default="auto",
-        help="weights' dtype; auto: bf16 on a GPU that supports it or a CPU with AMX/AVX-512 BF16, else fp32 "
-        "(default: %(default)s)",
+        help="weights' dtype; auto: bf16 on a GPU that supports it, else fp32; bf16 on a CPU with AMX/AVX-512 "
+        "BF16 is opt-in (default: %(default)s)",
     )
     p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help="system prompt for models without a sidecar")
     p.add_argument("--seed", type=int, default=42, help="generation and bootstrap seed (default: %(default)s)")
