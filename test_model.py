@@ -1402,9 +1402,10 @@ def run(args) -> int:
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    device = device_name(args)  # refuses --precision fp16 on a CPU before any worker is called
     sessions = {"score": worker_session(args.worker_token, True), "store": worker_session(args.worker_token, False)}
     if args.prompt:
-        return one_prompt(args, sessions, device_name(args))
+        return one_prompt(args, sessions, device)
     rows = read_suite_file(Path(args.suite)) if args.suite else None
     check_worker(sessions["store"], args.worker_url)
     store_ok = not has_score_endpoint(sessions["score"], args.worker_url)
@@ -1428,7 +1429,6 @@ def run(args) -> int:
             f"warning: {args.worker_url} has no /api/score; scoring through /api/simulate-outcome stores every "
             "evaluation answer in that worker's database"
         )
-    device = device_name(args)
     results: dict[str, list[dict]] = {}
     unscored: dict[str, list[dict]] = {}
     for spec, base in ((args.model, args.base_model), (args.compare, None)):
