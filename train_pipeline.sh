@@ -405,6 +405,16 @@ evaluate() {
   run_step evaluate "${dir}/eval.log" "${PYTHON}" "${SCRIPT_DIR}/test_model.py" "${args[@]}"
 }
 
+# timed NAME DIR FUNCTION ARGS...: run one step and append its wall seconds to DIR/stage_seconds.tsv, so a user (and
+# bench/bench_loop.py) can see where the minutes go.
+timed() {
+  local name="$1" dir="$2" t0=${SECONDS}
+  shift 2
+  "$@"
+  printf '%s\t%s\n' "${name}" "$((SECONDS - t0))" >>"${dir}/stage_seconds.tsv"
+  log "${name} took $((SECONDS - t0)) s"
+}
+
 summary_table() {
   "${PYTHON}" - "${OUTPUT_DIR}" "${ITERATIONS}" "${GAIN_UNDER}" <<'PY'
 import json, sys
@@ -483,12 +493,13 @@ main() {
     local dir="${OUTPUT_DIR}/iter-${i}"
     mkdir -p "${dir}"
     log "iteration ${i}/${ITERATIONS} -> ${dir}"
-    if [[ "${SKIP_COLLECT}" == 0 ]]; then collect "${dir}" "${adapter}"; fi
-    if [[ "${METHOD}" != grpo ]]; then convert "${dir}"; fi  # GRPO learns from the worker's scores directly
+    : >"${dir}/stage_seconds.tsv"
+    if [[ "${SKIP_COLLECT}" == 0 ]]; then timed collect "${dir}" collect "${dir}" "${adapter}"; fi
+    if [[ "${METHOD}" != grpo ]]; then timed convert "${dir}" convert "${dir}"; fi  # GRPO learns from the worker's scores
     if [[ "${SKIP_TRAIN}" == 1 ]]; then continue; fi
-    train "${dir}"
+    timed train "${dir}" train "${dir}"
     adapter="${dir}/adapter"
-    if [[ "${SKIP_EVAL}" == 0 ]]; then evaluate "${dir}"; fi
+    if [[ "${SKIP_EVAL}" == 0 ]]; then timed evaluate "${dir}" evaluate "${dir}"; fi
   done
   summary_table | tee "${OUTPUT_DIR}/summary.txt"
   log "done in $((SECONDS - started)) s; artifacts in ${OUTPUT_DIR}"

@@ -5,7 +5,7 @@ a local worker, collect best-of-K, convert, LoRA, evaluate against the base) int
 wall time and the held-out figures the issue asks for: mean weighted score and harm of base and tuned, the
 difference with its paired bootstrap 95% CI, wins/ties/losses, answer length and distinct-2.
 
-    python bench/bench_loop.py                       # about 20-30 minutes on 2 CPU cores
+    python bench/bench_loop.py                       # about 20-30 minutes on 2 CPU cores; minutes per stage too
     python bench/bench_loop.py --seeds 1,2,3         # the loop three times, collection seeds 1..3
     python bench/bench_loop.py --settings "TRAINING_EPISODES=400 EPOCHS=3"   # on top of DEMO_SETTINGS
 """
@@ -42,8 +42,10 @@ def run_loop(folder: Path, settings: dict, db: Path | None = None) -> dict:
     if code != 0:
         sys.exit(f"bench_loop.py: the pipeline failed (exit {code}); see {folder / 'pipeline.log'}")
     it = folder / "pipeline" / "iter-1"
+    stages = dict(line.split("\t") for line in (it / "stage_seconds.tsv").read_text().splitlines())
     return {
         "seconds": round(seconds, 1),
+        "stages": {name: int(s) for name, s in stages.items()},
         "eval": json.loads((it / "eval.json").read_text()),
         "train": json.loads((it / "adapter" / "training_summary.json").read_text()),
     }
@@ -55,6 +57,7 @@ def row(label: str, result: dict) -> dict:
     return {
         "run": label,
         "minutes": round(result["seconds"] / 60, 1),
+        "stage_minutes": {name: round(s / 60, 1) for name, s in result["stages"].items()},
         "examples": result["train"]["train_rows"] + result["train"]["eval_rows"],
         "base": round(base["weighted_score"], 3),
         "tuned": round(tuned["weighted_score"], 3),
@@ -78,6 +81,9 @@ def print_table(rows: list[dict]) -> None:
             f"{r['harm_base']:.3f}->{r['harm_tuned']:.3f} {'/'.join(map(str, r['wins_ties_losses'])):>9} "
             f"{r['words'][0]:>5.0f}/{r['words'][1]:<5.0f} {r['distinct2'][0]:.2f}/{r['distinct2'][1]:.2f}"
         )
+    print("\nminutes per stage (the rest of each run's total is starting the worker and loading the model):")
+    for r in rows:
+        print(f"{r['run']:<10} " + "  ".join(f"{name} {m}" for name, m in r["stage_minutes"].items()))
 
 
 def main() -> int:

@@ -83,6 +83,9 @@ def test_one_iteration_end_to_end(tiny_model, tmp_path):
     ]:
         assert (it / name).is_file(), name
     assert len((it / "episodes.jsonl").read_text().splitlines()) == 6
+    stages = [line.split("\t") for line in (it / "stage_seconds.tsv").read_text().splitlines()]
+    assert [name for name, _ in stages] == ["collect", "convert", "train", "evaluate"]
+    assert all(seconds.isdigit() for _, seconds in stages) and "] train took " in result.stderr
     meta = json.loads((it / "train.csv.meta.json").read_text())
     assert meta["filters"]["best_per_scenario"] == 1 and meta["filters"]["trim_unfinished"] is True
     assert meta["counts"]["written"] == 3  # 6 episodes = 3 scenarios x 2 samples, the best of each kept
