@@ -635,7 +635,9 @@ class StageCounter:
 
 
 def clean_response(text: str) -> str:
-    """Strip role prefixes, cut invented follow-up turns, trim whitespace."""
+    """Strip role prefixes, cut invented follow-up turns, drop NUL characters, trim whitespace."""
+    if "\0" in text:  # a sampled NUL token: no text means it, and CSV and data-file checks read it as binary
+        text = text.replace("\0", "")
     # most answers: skip the regexes. Looking for "|" and "[" first is the same test, faster: a one-character search
     # is a memchr, a two-character one was 6x slower on a 1 KB answer.
     if ":" not in text and ("|" not in text or "<|" not in text) and ("[" not in text or "[INST]" not in text):

@@ -1034,7 +1034,8 @@ def degenerate_warning(summaries: dict[str, dict]) -> str | None:
     return None
 
 
-def markdown(summaries: dict, comparison, results: dict[str, list[dict]], args, unscored: dict, judges: dict) -> str:
+def markdown(summaries: dict, comparison, results: dict[str, list[dict]], args, unscored: dict, judges: dict,
+             previous: dict | None = None) -> str:  # fmt: skip
     rows = table(summaries)
     answers = len(next(iter(results.values()))) + len(next(iter(unscored.values())))
     suite = args.suite or getattr(args, "suite_from", None) or f"{args.worker_url} split {args.split}"
@@ -1055,6 +1056,8 @@ def markdown(summaries: dict, comparison, results: dict[str, list[dict]], args, 
             lines += ["", f"**{line}** (left out of the means)"]
     if comparison:
         lines += ["", comparison_line(comparison)]
+    if previous:
+        lines += ["", previous_line(previous)]
     if len(judges) > 1:
         lines += ["", "Every judge on the same answers (a gain only the trained-against worker sees is no gain):", ""]
         lines += [f"- {line}" for line in panel_lines(judges)]
@@ -1154,6 +1157,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--base-model", help="base model of an adapter, when its recorded base is not available here")
     p.add_argument("--compare", metavar="BASE_OR_DIR", help="a second model evaluated on the same scenarios")
+    p.add_argument(
+        "--previous",
+        metavar="EVAL_JSON",
+        help="an earlier run's --json (the loop's previous iteration): --model's answers are compared with its "
+        "--model's, paired on the scenarios both answered, without generating them again (same worker and suite)",
+    )
     p.add_argument("--worker-url", default=DEFAULT_WORKER_URL, help="SAIGE worker that scores (default: %(default)s)")
     p.add_argument(
         "--worker-token",
@@ -1291,7 +1300,7 @@ def check_paths(parser: argparse.ArgumentParser, args) -> None:
     Exits 2 with one line."""
     json_file = None if args.json_path == "-" else args.json_path  # stdout is no file to check
     outputs = {"--report": args.report, "--json": json_file, "--plot": args.plot}
-    clash = path_clash(outputs, {"--suite": args.suite, "--db": args.db})
+    clash = path_clash(outputs, {"--suite": args.suite, "--db": args.db, "--previous": args.previous})
     models = (("--model", args.model, args.base_model), ("--compare", args.compare, None))
     for flag, spec, base in (*models, ("--base-model", args.base_model, None)):
         for file in model_files(spec, base) if spec else []:
@@ -1312,6 +1321,36 @@ def check_inputs(args) -> None:
     check_model(args.model, "--model", args.base_model)
     if args.compare:
         check_model(args.compare, "--compare")
+    if args.previous:
+        args.previous_run = read_previous(Path(args.previous))
+
+
+def read_previous(path: Path) -> dict:
+    """--previous: an earlier --json with its --model's scored answers; raises CliError (exit 1) otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        name = data["config"]["model"]
+        answers = data["results"][name]
+        if not isinstance(answers, list) or not all("context" in r and "outcome" in r for r in answers):
+            raise TypeError
+    except FileNotFoundError:
+        raise CliError(f"--previous {path}: no such file; pass an earlier run's --json") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CliError(f"--previous {path}: not a --json file of test_model.py with its model's answers") from None
+    return {"eval": str(path), "model": name, "answers": answers, "summary": data["summaries"].get(name)}
+
+
+def previous_comparison(answers: list[dict], previous: dict, args) -> dict:
+    """These answers against the previous run's, per scenario matched by its text (its position may differ)."""
+    by_text = [[{**r, "key": r["context"]} for r in rs] for rs in (answers, previous["answers"])]
+    comparison = compare(*by_text, args.bootstrap, args.seed)
+    if comparison is None:
+        raise CliError(f"--previous {previous['eval']}: no scenario in common with this evaluation; same suite?")
+    return {k: v for k, v in previous.items() if k != "answers"} | {"comparison": comparison}
+
+
+def previous_line(previous: dict) -> str:
+    return f"against {previous['model']} ({previous['eval']}): {comparison_line(previous['comparison'])}"
 
 
 def evaluate_model(spec: str, base_model, scenarios: list[dict], args, sessions, device: str, store_ok: bool) -> list:
@@ -1374,7 +1413,7 @@ def json_text(args, results: dict, unscored: dict, summaries: dict, **extra) -> 
     """The --json file: every answer (scored or not, with the reason), the summaries and the settings; strict JSON
     (no NaN or Infinity), which every reply was checked for."""
     payload = {
-        "config": {k: v for k, v in vars(args).items() if k != "worker_token"},
+        "config": {k: v for k, v in vars(args).items() if k not in ("worker_token", "previous_run")},
         "summaries": summaries,
         **extra,
         "results": results,
@@ -1451,11 +1490,14 @@ def run(args) -> int:
             log("warning: " + unscored_line(spec, unscored[spec], len(records)) + " (left out of the means)")
     summaries = {name: summarize(rs, len(unscored[name])) for name, rs in results.items()}
     comparison = compare(*results.values(), args.bootstrap, args.seed) if args.compare else None
+    previous = previous_comparison(results[args.model], args.previous_run, args) if args.previous else None
     judges = panel(results, args)
     human = sys.stderr if args.json_path == "-" else sys.stdout  # stdout carries only the JSON then
     print(console(table(summaries)), file=human)
     if comparison:
         print(comparison_line(comparison), file=human)
+    if previous:
+        print(previous_line(previous), file=human)
     if len(judges) > 1:
         print("\n".join(panel_lines(judges)), file=human)
     warning = degenerate_warning(summaries)
@@ -1463,7 +1505,7 @@ def run(args) -> int:
         log(warning)
     outputs = {}
     if args.report:
-        outputs[args.report] = markdown(summaries, comparison, results, args, unscored, judges)
+        outputs[args.report] = markdown(summaries, comparison, results, args, unscored, judges, previous)
     if args.json_path:
         outputs[args.json_path] = json_text(
             args,
@@ -1471,6 +1513,7 @@ def run(args) -> int:
             unscored,
             summaries,
             comparison=comparison,
+            **({"previous": previous} if previous else {}),
             judges=judges,
             degenerate_warning=warning,
             skipped_suite_rows=skipped,

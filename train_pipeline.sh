@@ -47,7 +47,8 @@ readonly SETTINGS=(
   "JUDGES||evaluator: more SAIGE workers (space-separated URLs with /api/score) that judge the same answers"
   "GAIN_UNDER|trained|the summary's 'improved': trained = CI above zero under the worker trained against; all = that, and no judge's CI below zero"
   "HELDOUT_FRACTION|0.25|with a worker that has no held-out split (a real SAIGE worker): share of scenarios, by a hash of their text, never trained on and evaluated from DB_PATH"
-  "ITERATIONS|1|how many collect-convert-train-evaluate rounds"
+  "ITERATIONS|1|how many collect-convert-train-evaluate rounds; from the second on, each is also compared with the one before"
+  "STOP_WHEN_WORSE|1|1 = stop iterating when an iteration is worse than the one before (95% CI below zero); the best adapter is kept in OUTPUT_DIR/best/ either way"
   "SKIP_COLLECT|0|1 = use the experiences already in DB_PATH"
   "SKIP_TRAIN|0|1 = stop after converting (no adapter, no evaluation)"
   "SKIP_EVAL|0|1 = train but do not evaluate"
@@ -139,7 +140,7 @@ validate() {
     || die "SEED=${SEED}: an integer from 0 to 4294967295"
   [[ -z "${BEST_PER_SCENARIO}" || "${BEST_PER_SCENARIO}" =~ ^[1-9][0-9]{0,8}$ ]] \
     || die "BEST_PER_SCENARIO=${BEST_PER_SCENARIO}: a positive integer, or empty for all"
-  for name in SKIP_COLLECT SKIP_TRAIN SKIP_EVAL USE_4BIT TRIM_UNFINISHED INCLUDE_GOLD; do
+  for name in SKIP_COLLECT SKIP_TRAIN SKIP_EVAL USE_4BIT TRIM_UNFINISHED INCLUDE_GOLD STOP_WHEN_WORSE; do
     [[ "${!name}" =~ ^[01]$ ]] || die "${name}=${!name}: use 0 or 1"
   done
   [[ "${MAX_HARM}" =~ ^(0(\.[0-9]+)?|1(\.0+)?)$ ]] || die "MAX_HARM=${MAX_HARM}: a number from 0 to 1"
@@ -165,7 +166,8 @@ t.apply_recipe(t.build_parser(), ["--config", sys.argv[2]])' "${SCRIPT_DIR}" "${
 }
 
 # check_paths: DB_PATH is a file the steps read and the worker writes; OUTPUT_DIR is where every step writes. Neither
-# may be the other, and the database may not sit where a step writes (OUTPUT_DIR/iter-N/, worker.log, summary.txt).
+# may be the other, and the database may not sit where a step writes (OUTPUT_DIR/iter-N/, best/, worker.log,
+# summary.txt).
 check_paths() {
   "${PYTHON}" - "${DB_PATH}" "${OUTPUT_DIR}" <<'PY' || exit 1
 import os, sys
@@ -185,7 +187,7 @@ if real_db == real_out:
     fail(f"OUTPUT_DIR={out} is the database DB_PATH={db}; choose another OUTPUT_DIR")
 if real_db.startswith(real_out.rstrip(os.sep) + os.sep):
     top = os.path.relpath(real_db, real_out).split(os.sep)[0]
-    if top in ("worker.log", "summary.txt") or top.startswith("iter-"):
+    if top in ("worker.log", "summary.txt") or top.startswith(("iter-", "best")):
         where = os.path.join(out, top)
         fail(f"DB_PATH={db} lies in {where}, which the pipeline writes; move it or choose another OUTPUT_DIR")
 for name in ("worker.log", "summary.txt"):
@@ -387,7 +389,7 @@ train() {
 }
 
 evaluate() {
-  local dir="$1"
+  local dir="$1" previous="$2"
   local args=(--model "${dir}/adapter" --compare "${MODEL}" --worker-url "${WORKER_URL}"
     --max-new-tokens "${EVAL_MAX_NEW_TOKENS}" --report "${dir}/eval.md" --json "${dir}/eval.json"
     --plot "${dir}/eval.png" -q)
@@ -399,10 +401,57 @@ evaluate() {
     args+=(--split heldout)
   fi
   if [[ -n "${EVAL_LIMIT}" ]]; then args+=(--limit "${EVAL_LIMIT}"); fi
+  if [[ -f "${previous}" ]]; then args+=(--previous "${previous}"); fi  # the answers it already has: no generation
   local judge
   for judge in ${JUDGES}; do args+=(--judge "${judge}"); done
   if ((EVAL_SAMPLES > 1)); then args+=(--samples "${EVAL_SAMPLES}" --temperature "${EVAL_TEMPERATURE}"); fi
   run_step evaluate "${dir}/eval.log" "${PYTHON}" "${SCRIPT_DIR}/test_model.py" "${args[@]}"
+}
+
+# keep_best I: OUTPUT_DIR/best/ becomes a copy of iteration I's adapter when its held-out weighted score is the best
+# so far (same scenarios, same scorer), replaced whole (copy, then rename), so a later worse iteration never costs
+# the user the good one. Prints the verdict on iteration I against I-1 and exits 3 when it is worse (CI below zero).
+keep_best() {
+  "${PYTHON}" - "${OUTPUT_DIR}" "$1" <<'PY'
+import json, shutil, sys
+from pathlib import Path
+
+out, n = Path(sys.argv[1]), int(sys.argv[2])
+
+
+def evaluation(i):
+    path = out / f"iter-{i}" / "eval.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+scores = {i: next(iter(e["summaries"].values()))["weighted_score"] for i in range(1, n + 1) if (e := evaluation(i))}
+best = max(scores, key=lambda i: (scores[i], -i), default=None)
+if best == n:
+    shutil.rmtree(out / "best.new", ignore_errors=True)
+    shutil.copytree(out / f"iter-{n}" / "adapter", out / "best.new")
+    (out / "best.new" / "best.json").write_text(json.dumps({"iteration": n, "weighted_score": scores[n]}, indent=2))
+    if (out / "best").exists():
+        (out / "best").rename(out / "best.old")
+    (out / "best.new").rename(out / "best")
+    shutil.rmtree(out / "best.old", ignore_errors=True)
+if best is not None:
+    print(f"best adapter so far: iteration {best} (held-out weighted score {scores[best]:.3f}) in {out / 'best'}")
+previous = (evaluation(n) or {}).get("previous")
+if previous:
+    c = previous["comparison"]
+    low, high = c["ci95"]
+    print(f"iteration {n} against iteration {n - 1}: {c['mean_difference']:+.3f} (95% CI {low:+.3f} to {high:+.3f})")
+    sys.exit(3 if high < 0 else 0)
+PY
+}
+
+# better_or_same I: keep the best adapter and log the verdict; false when iteration I is worse than I-1.
+better_or_same() {
+  local verdict=0 said line
+  said="$(keep_best "$1" 2>&1)" || verdict=$?
+  while read -r line; do log "${line}"; done <<<"${said}"
+  ((verdict != 3)) || return 1
+  ((verdict == 0)) || die "keeping the best adapter in ${OUTPUT_DIR}/best failed (exit ${verdict})"
 }
 
 # timed NAME DIR FUNCTION ARGS...: run one step and append its wall seconds to DIR/stage_seconds.tsv, so a user (and
@@ -431,7 +480,7 @@ def improved(judges):
 
 
 print(f"{'iter':>4} {'examples':>8} {'train loss':>10} {'held-out score':>14} {'harm':>6} {'base score':>10} "
-      f"{'delta (95% CI)':>26} {'improved':>8}")
+      f"{'delta (95% CI)':>26} {'improved':>8} {'vs previous (95% CI)':>26} {'words':>5} {'distinct-2':>10}")
 panels = []
 for i in range(1, n + 1):
     d = out / f"iter-{i}"
@@ -449,6 +498,9 @@ for i in range(1, n + 1):
         row += (f" {tuned['weighted_score']:>14.2f} {tuned['total_harm']:>6.3f} {base['weighted_score']:>10.2f} "
                 f"{c['mean_difference']:>+8.2f} ({c['ci95'][0]:+.2f} to {c['ci95'][1]:+.2f})"
                 f" {improved(ev.get('judges', {})):>8}")
+        p = (ev.get("previous") or {}).get("comparison")
+        versus = f"{p['mean_difference']:+.2f} ({p['ci95'][0]:+.2f} to {p['ci95'][1]:+.2f})" if p else "-"
+        row += f" {versus:>26} {tuned['mean_words']:>5.0f} {tuned['distinct2']:>10.2f}"
         panels += [(i, name, j) for name, j in ev.get("judges", {}).items() if j.get("comparison")]
     print(row)
 if panels:
@@ -499,10 +551,16 @@ main() {
     if [[ "${SKIP_TRAIN}" == 1 ]]; then continue; fi
     timed train "${dir}" train "${dir}"
     adapter="${dir}/adapter"
-    if [[ "${SKIP_EVAL}" == 0 ]]; then timed evaluate "${dir}" evaluate "${dir}"; fi
+    if [[ "${SKIP_EVAL}" == 1 ]]; then continue; fi
+    timed evaluate "${dir}" evaluate "${dir}" "${OUTPUT_DIR}/iter-$((i - 1))/eval.json"
+    if ! better_or_same "${i}" && [[ "${STOP_WHEN_WORSE}" == 1 ]]; then
+      log "stopping (STOP_WHEN_WORSE=1): iteration ${i} is worse than iteration $((i - 1)); the best adapter is in" \
+        "${OUTPUT_DIR}/best"
+      break
+    fi
   done
   summary_table | tee "${OUTPUT_DIR}/summary.txt"
   log "done in $((SECONDS - started)) s; artifacts in ${OUTPUT_DIR}"
 }
 
-main "$@"
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then main "$@"; fi  # sourced by the tests for one function

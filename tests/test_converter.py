@@ -117,6 +117,17 @@ def test_cleanup_strips_role_prefix_and_invented_turns(graded_db, tmp_path):
     assert "1 answers cleaned" in result.stderr
 
 
+def test_a_sampled_nul_character_is_dropped_so_the_trainer_reads_the_file(db_path, tmp_path):
+    conn = sqlite3.connect(db_path)
+    with conn:
+        hello = saige_db.add_scenario(conn, "Hello!", {"vulnerability": "low", "mood": "neutral"})
+        saige_db.add_experience(conn, hello, "Hi\0 there, friend.", 0.0, scores(9))
+    conn.close()
+    out = tmp_path / "out.csv"
+    assert convert(db_path, out, "--format", "chatml").returncode == 0
+    assert b"\0" not in out.read_bytes() and "Hi there, friend.<|im_end|>" in read_csv(out)[0]["text"]
+
+
 def test_no_clean_keeps_answer_as_stored(graded_db, tmp_path):
     out = tmp_path / "out.csv"
     assert convert(graded_db, out, "--no-clean").returncode == 0

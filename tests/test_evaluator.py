@@ -97,6 +97,20 @@ def test_compare_pairs_the_same_scenarios(tiny_model, second_model, worker_url, 
     assert "95% CI" in result.stdout and "difference" in result.stdout
 
 
+def test_previous_pairs_this_run_with_an_earlier_one_without_generating_it_again(tiny_model, worker_url, tmp_path):
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    common = ("--worker-url", worker_url, "--limit", "4", "--samples", "2", "--temperature", "0.7")
+    assert evaluate("--model", tiny_model, *common, "--json", first).returncode == 0
+    result = evaluate("--model", tiny_model, *common, "--json", second, "--previous", first)
+    assert result.returncode == 0, result.stderr
+    previous = json.loads(second.read_text())["previous"]
+    assert previous["model"] == str(tiny_model) and previous["eval"] == str(first)
+    # the same model and seed answer the same: every scenario ties, the difference is exactly zero
+    assert previous["comparison"]["scenarios"] == 4 and previous["comparison"]["ties"] == 4
+    assert previous["comparison"]["mean_difference"] == 0 and f"against {tiny_model}" in result.stdout
+    assert "previous_run" not in json.loads(second.read_text())["config"]
+
+
 def test_every_judge_scores_the_same_answers(tiny_model, second_model, worker_url, tmp_path):
     """A second worker (--judge) and chrF against expected_response see the same answers. Here the judge runs the
     same scorer, so it must agree exactly: scoring inline (a judge) and by id (the trained-against worker) match."""

@@ -134,6 +134,10 @@ MATRIX = [
     ("model-dir-without-config", "--model {d}/empty-dir", 1, "no config.json or adapter_config.json"),
     ("model-config-broken", "--model {d}/broken-model", 1, "cannot read .*config.json"),
     ("adapter-config-not-object", "--model {d}/list-adapter", 1, "adapter_config.json is not a JSON object"),
+    # --previous: an earlier run's --json, read before any generation, never written
+    ("previous-missing", "--previous {d}/no-such-eval.json", 1, "--previous .*no such file"),
+    ("previous-not-an-eval", "--previous {d}/suite.jsonl", 1, "not a --json file of test_model.py"),
+    ("json-is-previous", "--suite {d}/suite.jsonl --previous {d}/p.json --json {d}/p.json", 2, "as --previous"),
     # the suite file
     ("suite-is-a-folder", "--suite {d}/empty-dir", 1, "--suite .* is a folder"),
     ("suite-not-utf8", "--suite {d}/not-utf8.jsonl", 1, "is not UTF-8 text"),

@@ -98,6 +98,61 @@ def test_one_iteration_end_to_end(tiny_model, tmp_path):
     assert not workers_on(tmp_path / "saige.db")
 
 
+@pytest.mark.slow
+def test_the_second_iteration_is_compared_with_the_first_and_the_best_adapter_kept(tiny_model, tmp_path):
+    env = settings(tmp_path, tiny_model, ITERATIONS="2", STOP_WHEN_WORSE="0", EVAL_SAMPLES="2")
+    result = pipeline(env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    first, second = (json.loads((out / f"iter-{i}" / "eval.json").read_text()) for i in (1, 2))
+    assert "previous" not in first
+    assert second["previous"]["model"] == str(out / "iter-1" / "adapter")
+    assert second["previous"]["comparison"]["scenarios"] == 2
+    assert "] iteration 2 against iteration 1: " in result.stderr
+    scores = [next(iter(e["summaries"].values()))["weighted_score"] for e in (first, second)]
+    best = json.loads((out / "best" / "best.json").read_text())
+    assert best["weighted_score"] == max(scores) and best["iteration"] == 1 + scores.index(max(scores))
+    adapter = out / f"iter-{best['iteration']}" / "adapter" / "adapter_model.safetensors"
+    assert (out / "best" / "adapter_model.safetensors").read_bytes() == adapter.read_bytes()
+    header, _, row2 = result.stdout.splitlines()[:3]
+    assert "vs previous (95% CI)" in header and "distinct-2" in header
+    assert f"{second['previous']['comparison']['mean_difference']:+.2f} (" in row2
+
+
+def fake_iteration(out: Path, i: int, score: float, ci95: tuple[float, float] | None = None) -> None:
+    """What an evaluated iteration leaves: an adapter and an eval.json (with the comparison to the one before)."""
+    (out / f"iter-{i}" / "adapter").mkdir(parents=True)
+    (out / f"iter-{i}" / "adapter" / "adapter_model.safetensors").write_text(f"weights of iteration {i}")
+    evaluation = {"summaries": {"adapter": {"weighted_score": score}, "base": {"weighted_score": 4.0}}}
+    if ci95:
+        evaluation["previous"] = {"comparison": {"mean_difference": sum(ci95) / 2, "ci95": list(ci95)}}
+    (out / f"iter-{i}" / "eval.json").write_text(json.dumps(evaluation))
+
+
+def judge_iteration(out: Path, i: int) -> subprocess.CompletedProcess:
+    """The pipeline's own verdict after evaluating iteration i (the script sourced, its function called)."""
+    env = {**os.environ, "OUTPUT_DIR": str(out), "PYTHON": sys.executable}
+    command = f'source "{SCRIPT}" && better_or_same {i}'
+    return subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_the_best_adapter_is_kept_and_a_worse_iteration_stops_the_loop(tmp_path):
+    out = tmp_path / "out"
+    fake_iteration(out, 1, 5.0)
+    assert judge_iteration(out, 1).returncode == 0
+    fake_iteration(out, 2, 5.5, (0.1, 0.9))
+    result = judge_iteration(out, 2)
+    assert result.returncode == 0 and "iteration 2 against iteration 1: +0.500" in result.stderr
+    assert json.loads((out / "best" / "best.json").read_text()) == {"iteration": 2, "weighted_score": 5.5}
+    fake_iteration(out, 3, 4.0, (-2.0, -0.5))  # worse, CI below zero: the loop stops, the best stays iteration 2
+    result = judge_iteration(out, 3)
+    assert result.returncode == 1 and "best adapter so far: iteration 2" in result.stderr
+    assert (out / "best" / "adapter_model.safetensors").read_text() == "weights of iteration 2"
+    assert not (out / "best.new").exists() and not (out / "best.old").exists()
+    fake_iteration(out, 4, 5.2, (-0.3, 1.4))  # not distinguishable from iteration 3: the loop goes on
+    assert judge_iteration(out, 4).returncode == 0
+
+
 @pytest.mark.slow  # a whole training run or pipeline: `make test-slow` (CI runs both)
 @pytest.mark.parametrize("method", ["dpo", "grpo"])
 def test_one_iteration_with_dpo_or_grpo(tiny_model, tmp_path, method):
@@ -167,6 +222,7 @@ def test_ctrl_c_stops_everything(tiny_model, tmp_path):
         ("MAX_HARM", "2", "MAX_HARM=2: a number from 0 to 1"),
         ("FORMAT", "alpaca", "FORMAT=alpaca"),
         ("METHOD", "ppo", "METHOD=ppo: use sft, dpo or grpo"),
+        ("STOP_WHEN_WORSE", "yes", "STOP_WHEN_WORSE=yes: use 0 or 1"),
         ("BEST_PER_SCENARIO", "0", "BEST_PER_SCENARIO=0: a positive integer, or empty for all"),
         ("EVAL_MAX_NEW_TOKENS", "0", "EVAL_MAX_NEW_TOKENS=0: must be a positive integer"),
     ],
