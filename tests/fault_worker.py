@@ -42,6 +42,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self.dispatch("POST")
 
+    def do_HEAD(self):
+        self.dispatch("HEAD")
+
     def dispatch(self, method: str) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         reply = self.server.app(method, self.path, self.headers, body)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -117,6 +118,35 @@ def test_the_second_iteration_is_compared_with_the_first_and_the_best_adapter_ke
     header, _, row2 = result.stdout.splitlines()[:3]
     assert "vs previous (95% CI)" in header and "distinct-2" in header
     assert f"{second['previous']['comparison']['mean_difference']:+.2f} (" in row2
+
+
+@pytest.mark.slow
+def test_with_ollama_each_tuned_model_is_registered_and_answers_the_next_iteration(tiny_model, tmp_path):
+    from ollama_stub import OllamaStub
+
+    stub = OllamaStub(["base:1b"])
+    with serve(stub) as url:
+        env = settings(tmp_path, tiny_model, BACKEND="ollama", OLLAMA_MODEL="base:1b", OLLAMA_URL=url,
+                       ITERATIONS="2", STOP_WHEN_WORSE="0")  # fmt: skip
+        result = pipeline(env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    assert [c["model"] for c in stub.created] == ["saige-tuned:iter-1", "saige-tuned:iter-2"]
+    first = stub.created[0]
+    adapter = (out / "iter-1" / "adapter" / "ollama" / "adapter.gguf").read_bytes()
+    assert first["adapters"] == {"adapter.gguf": "sha256:" + hashlib.sha256(adapter).hexdigest()}
+    assert first["from"] == "base:1b" and "<|im_start|>" in first["template"]
+    assert first["parameters"] == {"stop": ["<|im_end|>"]}
+    for i, model in ((1, "base:1b"), (2, "saige-tuned:iter-1")):  # iteration 2 is answered by the tuned model
+        episodes = [json.loads(line) for line in (out / f"iter-{i}" / "episodes.jsonl").read_text().splitlines()]
+        assert episodes and {e["model"] for e in episodes} == {model}
+    assert "registered saige-tuned:iter-2 with Ollama" in result.stderr
+
+
+def test_ollama_backend_without_its_tag_is_refused_before_any_work(tiny_model, tmp_path):
+    result = pipeline(settings(tmp_path, tiny_model, BACKEND="ollama"))
+    assert result.returncode == 1 and "BACKEND=ollama needs OLLAMA_MODEL" in result.stderr
+    assert not (tmp_path / "saige.db").exists()
 
 
 def fake_iteration(out: Path, i: int, score: float, ci95: tuple[float, float] | None = None) -> None:
