@@ -135,8 +135,17 @@ def quiet_library_logs(quiet: bool) -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
+def is_main_process() -> bool:
+    """Whether this is the process that speaks and writes: the only one, or rank 0 of `accelerate launch`.
+    torchrun (which accelerate launch runs) sets RANK before the script starts, so this answers before torch or
+    accelerate is imported; accelerate's PartialState reads the same variable."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def log(message: str) -> None:
-    print(f"train_local.py: {message}", file=sys.stderr, flush=True)
+    """One line on stderr, from the main process only: N ranks would print every line N times."""
+    if is_main_process():
+        print(f"train_local.py: {message}", file=sys.stderr, flush=True)
 
 
 # --- shared: safe paths (the same in every script: edit shared_blocks/safe_paths.py, then `make sync`) -------
@@ -630,18 +639,28 @@ def read_suite(path: Path) -> list[dict]:
     return [r for r in rows if usable_scenario(r)]
 
 
-def saige_reward(client: ScoringClient, kind: str, samples: list):
-    """The GRPO reward function: the worker's score of each sampled answer, mapped by --reward."""
+def saige_reward(client: ScoringClient, kind: str, samples: list, stop):
+    """The GRPO reward function: the worker's score of each sampled answer, mapped by --reward. When the worker
+    fails, the batch gets neutral rewards and `stop` (StopWhenAsked) ends training at the step end: raising here
+    would stop this rank alone and leave the others of `accelerate launch` waiting in TRL's gather of the rewards."""
     to_reward = REWARDS[kind][1]
 
     def reward(prompts, completions, scenario_ref, log_metric=None, **_):
         answers = [answer_text(c) for c in completions]
-        outcomes = client.score([json.loads(r) for r in scenario_ref], answers)
+        neutral = without_failed_rewards([None] * len(answers), scenario_ref)  # zero advantage: teaches nothing
+        if stop.worker_error:  # failed earlier in this step: no more calls to a worker that is down
+            return neutral
+        try:
+            outcomes = client.score([json.loads(r) for r in scenario_ref], answers)
+        except WorkerError as e:
+            stop.worker_error = str(e)
+            return neutral
         failed = [o for o in outcomes if isinstance(o, str)]
         if failed and len(failed) == sum(o is not None for o in outcomes):
-            raise WorkerError(
+            stop.worker_error = (
                 f"the worker at {client.url} gave no usable score for any answer of this step ({failed[0]})"
             )
+            return neutral
         rewards = [None if isinstance(o, str) else to_reward(o) if o else EMPTY_ANSWER_REWARD for o in outcomes]
         rewards = without_failed_rewards(rewards, scenario_ref)
         scored = [o for o in outcomes if isinstance(o, dict)] or [{"weighted": 0.0, "harm": 1.0}]
@@ -790,6 +809,16 @@ def fit_cpu_memory() -> None:
         trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE = CPU_LOGPROB_CHUNK
 
 
+def quantized_device_map(quant) -> dict | None:
+    """Where a quantized (QLoRA) base goes: bitsandbytes loads it straight onto a GPU, so it needs a device_map.
+    Each rank of `accelerate launch` takes its own GPU (the local process index: 0 when alone), not all cuda:0."""
+    if quant is None:
+        return None
+    from accelerate import PartialState
+
+    return {"": PartialState().local_process_index}
+
+
 def load_model_and_tokenizer(model_ref: str, args, device: str, precision: str):
     """The base model (quantized for QLoRA) and its tokenizer, with a pad token that is safe to use."""
     import torch
@@ -804,7 +833,7 @@ def load_model_and_tokenizer(model_ref: str, args, device: str, precision: str):
             dtype=dtype,
             quantization_config=quant,
             trust_remote_code=args.trust_remote_code,
-            device_map={"": 0} if quant is not None else None,
+            device_map=quantized_device_map(quant),
         )
     except OSError as e:
         raise CliError(
@@ -850,6 +879,9 @@ def common_config(args, device: str, precision: str, has_eval: bool) -> dict:
         fp16=precision == "fp16",
         use_cpu=device == "cpu",
         dataloader_pin_memory=device == "cuda",
+        # DDP (accelerate launch): a LoRA uses every trainable weight in each forward, so DDP need not search the
+        # graph for unused ones after every backward (transformers turns that search on for a peft model)
+        ddp_find_unused_parameters=False,
         report_to=args.report_to,
         logging_steps=args.logging_steps,
         eval_strategy=("steps" if by_steps else "epoch") if has_eval else "no",
@@ -912,14 +944,40 @@ def build_trainer(model, tokenizer, train, evaluation, args, device: str, precis
     return trainer
 
 
-def StopOnSignal():  # noqa: N802 - reads as a class at the call site; built here so transformers loads lazily
-    """A TrainerCallback: on Ctrl-C or SIGTERM, save a checkpoint at the end of the current step and stop."""
+def agreed(flags: list[bool], args) -> list[bool]:
+    """Each flag OR-ed over every rank of `accelerate launch` (an all-reduce, max), so all ranks take the same
+    decision at the same step; with one process, the flags as they are. Every rank must call it at the same point."""
+    if args.world_size == 1:
+        return flags
+    import torch
+    import torch.distributed as dist
+
+    votes = torch.tensor([int(f) for f in flags], device=args.device)  # NCCL reduces GPU tensors only
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in votes.tolist()]
+
+
+SIGNAL_ECHO_SECONDS = 2.0  # a terminal's Ctrl-C and the launcher's copy of it reach a rank within milliseconds
+
+
+def StopWhenAsked(minutes: float | None):  # noqa: N802 - reads as a class at the call site; built here so transformers loads lazily
+    """A TrainerCallback that ends training at the end of a step for three reasons: Ctrl-C or SIGTERM, or a GRPO
+    worker failure (a checkpoint is saved for --resume), or --max-minutes (the adapter is saved as after a full run).
+
+    Under `accelerate launch` each rank has its own signals, clock and worker replies, and a rank that stopped alone
+    would leave the others waiting in the next all-reduce. So the reasons are agreed (all-reduced) at every step end:
+    every rank stops at the same step, and the Trainer saves the checkpoint collectively."""
     from transformers import TrainerCallback
 
     class _Stop(TrainerCallback):
-        requested = False
+        signalled = False  # set by the signal handler, on this rank
+        worker_error: str | None = None  # set by the reward function (saige_reward) when the worker fails
 
         def on_train_begin(self, args, state, control, **kwargs):
+            self.deadline = time.monotonic() + 60 * minutes if minutes else None
+            # a terminal sends Ctrl-C to the launcher and to every rank, and the launcher forwards it to the ranks:
+            # under a launcher the copy that follows at once is the same Ctrl-C, not a second one
+            self.echo = SIGNAL_ECHO_SECONDS if args.world_size > 1 else 0.0
             # before training, a Ctrl-C stops at once (nothing to save); once it runs, a step is finished first
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, self.request)
@@ -929,51 +987,53 @@ def StopOnSignal():  # noqa: N802 - reads as a class at the call site; built her
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
         def request(self, *_):
-            if self.requested:  # a second Ctrl-C: stop now
-                raise KeyboardInterrupt
-            type(self).requested = True
+            if self.signalled:
+                if time.monotonic() - self.signalled_at < self.echo:
+                    return
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now
+            self.signalled, self.signalled_at = True, time.monotonic()
             log("stopping after this step and saving a checkpoint (Ctrl-C again to abort without saving)")
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.requested:
+            late = self.deadline is not None and time.monotonic() > self.deadline
+            signalled, failed, late = agreed([self.signalled, self.worker_error is not None, late], args)
+            if signalled or failed:
                 control.should_save = True
                 control.should_training_stop = True
-            return control
-
-    return _Stop()
-
-
-def TimeLimit(minutes: float | None):  # noqa: N802 - a TrainerCallback built lazily, like StopOnSignal
-    """Stop after the step that crosses --max-minutes; the adapter is saved as after a full run."""
-    from transformers import TrainerCallback
-
-    class _Limit(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.deadline = time.monotonic() + 60 * minutes if minutes else None
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.deadline and time.monotonic() > self.deadline and not control.should_training_stop:
+            elif late and not control.should_training_stop:
                 log(f"--max-minutes {minutes} reached at step {state.global_step}: stopping")
                 control.should_training_stop = True
             return control
 
-    return _Limit()
+        def outcome(self, args) -> tuple[str | None, str | None]:
+            """Why training ended early, agreed by all ranks (a signal can come after the last step's vote):
+            ("signal", None), ("worker", the first failing rank's message) or (None, None)."""
+            signalled, failed = agreed([self.signalled, self.worker_error is not None], args)
+            if failed:
+                from accelerate.utils import gather_object
+
+                return "worker", next(m for m in gather_object([self.worker_error]) if m)
+            return ("signal", None) if signalled else (None, None)
+
+    return _Stop()
 
 
-def ProgressBar(quiet: bool):  # noqa: N802 - a TrainerCallback built lazily, like StopOnSignal
-    """A step bar on stderr with the loss, tokens/s and ETA (in place of transformers' dict printing on stdout)."""
+def ProgressBar(quiet: bool):  # noqa: N802 - a TrainerCallback built lazily, like StopWhenAsked
+    """A step bar on stderr with the loss, tokens/s and ETA (in place of transformers' dict printing on stdout); one
+    bar under `accelerate launch`, drawn by the main process (the figures it shows are already global)."""
     from tqdm import tqdm
     from transformers import TrainerCallback
 
     class _Bar(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
+            self.quiet = quiet or not state.is_world_process_zero
             self.bar = tqdm(
                 total=state.max_steps,
                 initial=state.global_step,
                 desc="Training",
                 unit="step",
                 file=sys.stderr,
-                disable=quiet or None,
+                disable=self.quiet or None,
                 dynamic_ncols=True,
             )
             self.started, self.tokens = time.monotonic(), state.num_input_tokens_seen
@@ -991,7 +1051,7 @@ def ProgressBar(quiet: bool):  # noqa: N802 - a TrainerCallback built lazily, li
             elif "loss" in logs:
                 speed = (state.num_input_tokens_seen - self.tokens) / seconds
                 self.bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=f"{speed:.0f}")
-            if "eval_loss" in logs and not quiet:
+            if "eval_loss" in logs and not self.quiet:
                 self.bar.write(f"epoch {state.epoch:.2f}: eval loss {logs['eval_loss']:.4f}", file=sys.stderr)
 
         def on_train_end(self, args, state, control, **kwargs):
@@ -1023,6 +1083,25 @@ def example_labels(trainer, tokenizer, index: int = 0) -> list[dict]:
 
 def finished_adapter(output_dir: Path) -> bool:
     return (output_dir / "adapter_model.safetensors").is_file()
+
+
+def rank_figures(device: str, client) -> dict:
+    """What each rank of `accelerate launch` measured alone, gathered from every rank (a collective): the peak memory
+    of each (the largest one at the top level, as with one process) and, for GRPO, the scoring calls of all."""
+    from accelerate.utils import gather_object
+
+    memory = gather_object([peak_memory_mb(device)])
+    figures = {"world_size": len(memory), "rank_memory": memory}
+    figures.update({key: max(m[key] for m in memory) for key in memory[0]})
+    if client:
+        calls = gather_object([(client.calls, client.failures)])
+        reasons: dict = {}
+        for _, failures in calls:
+            for reason, n in failures.items():
+                reasons[reason] = reasons.get(reason, 0) + n
+        figures.update(scoring_calls=sum(n for n, _ in calls), failed_score_reasons=reasons)
+        figures["failed_scores"] = sum(reasons.values())
+    return figures
 
 
 def peak_memory_mb(device: str) -> dict:
@@ -1068,7 +1147,6 @@ def summary(trainer, args, started: float, info: dict, device: str, precision: s
         "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
         "device": device,
         "precision": precision,
-        **peak_memory_mb(device),
         "versions": {m.__name__: m.__version__ for m in (torch, transformers, trl, peft, datasets)},
         "args": {k: v for k, v in vars(args).items()},
     }
@@ -1894,16 +1972,17 @@ def check_scheduler(name: str) -> None:
         raise CliError(f"--lr-scheduler {name!r} is not one of: {', '.join(names)}", EXIT_USAGE)
 
 
-def stop_on_worker_error(trainer, output_dir: Path, error: WorkerError) -> int:
-    """Keep what GRPO learned so far: a checkpoint --resume continues from."""
-    step = trainer.state.global_step
-    try:
-        trainer._save_checkpoint(trainer.model, trial=None)  # the Trainer's own checkpoint: adapter + optimizer
-        where = output_dir / f"checkpoint-{step}"
-    except Exception:  # noqa: BLE001 - fall back to the adapter alone
-        where = output_dir / f"checkpoint-{step}-adapter"
-        trainer.save_model(str(where))
-    log(f"{error} at step {step}; stopped, adapter checkpoint in {where}. Continue with the same command plus --resume")
+def stopped_early(trainer, stop, output_dir: Path) -> int | None:
+    """The exit code when training stopped for a Ctrl-C or a worker failure (the Trainer has saved a checkpoint at
+    that step, on every rank together), else None."""
+    reason, message = stop.outcome(trainer.args)
+    if reason is None:
+        return None
+    step, resume = trainer.state.global_step, "Continue with the same command plus --resume"
+    if reason == "signal":
+        log(f"interrupted at step {step}; checkpoint saved in {output_dir}. {resume}")
+        return EXIT_INTERRUPTED
+    log(f"{message} at step {step}; stopped, adapter checkpoint in {output_dir / f'checkpoint-{step}'}. {resume}")
     return EXIT_FAILURE
 
 
@@ -1946,32 +2025,23 @@ def run(args) -> int:
         f"{evaluation.num_rows if evaluation else 0} eval rows, model {args.model} on {device} ({precision})"
     )
     samples: list = []
-    extra = saige_reward(client, args.reward, samples) if client else not args.train_on_prompt
-    stopper = StopOnSignal()
-    callbacks = [stopper, TimeLimit(args.max_minutes)]
-    trainer = build_trainer(model, tokenizer, data, evaluation, args, device, precision, callbacks, extra)
+    stop = StopWhenAsked(args.max_minutes)
+    extra = saige_reward(client, args.reward, samples, stop) if client else not args.train_on_prompt
+    trainer = build_trainer(model, tokenizer, data, evaluation, args, device, precision, [stop], extra)
     if len(trainer.train_dataset) == 0:
         raise CliError(f"no example keeps any of its answer within --max-length {args.max_length}; raise --max-length")
     if args.dry_run:
-        print(json.dumps(dry_run_report(trainer, tokenizer, layout, args.method), ensure_ascii=False, default=str))
+        if trainer.is_world_process_zero():
+            print(json.dumps(dry_run_report(trainer, tokenizer, layout, args.method), ensure_ascii=False, default=str))
         return EXIT_OK
     started = time.monotonic()
     resume = None if not args.resume else (True if args.resume == "latest" else args.resume)
-    try:
-        result = trainer.train(resume_from_checkpoint=resume)
-    except WorkerError as e:
-        return stop_on_worker_error(trainer, output_dir, e)
-    if stopper.requested:
-        log(
-            f"interrupted at step {trainer.state.global_step}; checkpoint saved in {output_dir}. "
-            "Continue with the same command plus --resume"
-        )
-        return EXIT_INTERRUPTED
+    result = trainer.train(resume_from_checkpoint=resume)
+    code = stopped_early(trainer, stop, output_dir)
+    if code is not None:
+        return code
+    # on every rank: under FSDP or DeepSpeed the weights are gathered collectively; only the main process writes
     trainer.save_model(str(output_dir))
-    tokenizer.save_pretrained(str(output_dir))
-    sidecar_path = Path(f"{args.data}.meta.json") if args.data else None
-    if sidecar_path and sidecar_path.is_file():
-        shutil.copy2(sidecar_path, output_dir / SIDECAR_NAME)
     info = {
         "method": args.method,
         "base_model": args.model,
@@ -1981,32 +2051,40 @@ def run(args) -> int:
         "eval_rows": evaluation.num_rows if evaluation else 0,
         "format": (read_sidecar(Path(args.data)) or {}).get("format") if args.data else None,
         **notes,
+        **rank_figures(device, client),  # a collective: every rank sends its own
     }
-    if client:
-        info.update(reward=REWARDS[args.reward][0], scoring_calls=client.calls, sample_answers=samples[:8])
-        info.update(failed_scores=sum(client.failures.values()), failed_score_reasons=dict(client.failures))
-        if client.failures:
-            log(
-                f"{info['failed_scores']} of {client.calls} answers got no usable score from the worker "
-                f"({', '.join(f'{r}: {n}' for r, n in client.failures.items())}); each was given its group's mean "
-                "reward, so it taught nothing"
-            )
-    report = summary(trainer, args, started, info, device, precision)
-    if report["final_train_loss"] is None:  # fewer steps than --logging-steps: the run's mean loss is all there is
-        report["final_train_loss"] = report["first_train_loss"] = result.training_loss
-    (output_dir / "training_summary.json").write_text(json.dumps(report, indent=2, default=str))
-    for checkpoint in output_dir.glob("checkpoint-*"):  # the adapter is saved; checkpoints were for resuming
-        shutil.rmtree(checkpoint, ignore_errors=True)
-    if args.merge:
-        merge(output_dir, model_ref, args)
-    if cloudflare:
-        export_cloudflare(output_dir, cloudflare)
-    gguf_path = export_gguf(output_dir, output_dir / GGUF_NAME, base_config) if "gguf" in exports else None
-    if ollama_sidecar is not None:
-        base = args.ollama_base or str(Path(args.model).expanduser().resolve())
-        bos = tokenizer.bos_token if adds_bos else None
-        export_ollama(output_dir, gguf_path, base_config, ollama_sidecar, bos, base)
-    log(done_line(report, output_dir))
+    try:  # everything below is written once, by the main process; the other ranks wait for it, then exit
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(str(output_dir))
+            sidecar_path = Path(f"{args.data}.meta.json") if args.data else None
+            if sidecar_path and sidecar_path.is_file():
+                shutil.copy2(sidecar_path, output_dir / SIDECAR_NAME)
+            if client:
+                info.update(reward=REWARDS[args.reward][0], sample_answers=samples[:8])
+                if info["failed_scores"]:
+                    log(
+                        f"{info['failed_scores']} of {info['scoring_calls']} answers got no usable score from the "
+                        f"worker ({', '.join(f'{r}: {n}' for r, n in info['failed_score_reasons'].items())}); each "
+                        "was given its group's mean reward, so it taught nothing"
+                    )
+            report = summary(trainer, args, started, info, device, precision)
+            if report["final_train_loss"] is None:  # fewer steps than --logging-steps: the run's mean loss is all
+                report["final_train_loss"] = report["first_train_loss"] = result.training_loss
+            (output_dir / "training_summary.json").write_text(json.dumps(report, indent=2, default=str))
+            for checkpoint in output_dir.glob("checkpoint-*"):  # the adapter is saved; checkpoints were for resuming
+                shutil.rmtree(checkpoint, ignore_errors=True)
+            if args.merge:
+                merge(output_dir, model_ref, args)
+            if cloudflare:
+                export_cloudflare(output_dir, cloudflare)
+            gguf_path = export_gguf(output_dir, output_dir / GGUF_NAME, base_config) if "gguf" in exports else None
+            if ollama_sidecar is not None:
+                base = args.ollama_base or str(Path(args.model).expanduser().resolve())
+                bos = tokenizer.bos_token if adds_bos else None
+                export_ollama(output_dir, gguf_path, base_config, ollama_sidecar, bos, base)
+            log(done_line(report, output_dir))
+    finally:
+        trainer.accelerator.wait_for_everyone()
     return EXIT_OK
 
 
@@ -2106,7 +2184,8 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as e:
         if os.environ.get("SAIGE_DEBUG"):
             raise
-        print(f"train_local.py: error: {e}", file=sys.stderr)
+        if is_main_process():  # every rank of `accelerate launch` meets the same bad input: say it once
+            print(f"train_local.py: error: {e}", file=sys.stderr)
         return e.code
     except Exception as e:  # noqa: BLE001 - one line for the failures users meet; SAIGE_DEBUG=1 for the traceback
         if os.environ.get("SAIGE_DEBUG"):
@@ -2119,6 +2198,19 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(f"train_local.py: error: {type(e).__name__}: {message}", file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        end_distributed()
+
+
+def end_distributed() -> None:
+    """Close the process group of `accelerate launch` before exiting: left open, gloo's threads abort the interpreter
+    at exit ("terminate called without an active exception", SIGABRT) and the launcher reports a failure."""
+    if "torch" not in sys.modules:  # failed before torch was imported: nothing to close
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
