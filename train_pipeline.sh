@@ -57,6 +57,7 @@ readonly SETTINGS=(
   "SKIP_EVAL|0|1 = train but do not evaluate"
   "USE_4BIT|0|1 = QLoRA (needs a CUDA GPU)"
   "PYTHON||Python to run the scripts; empty = .venv/bin/python when present, else python3"
+  "LAUNCHER||runs the training step in place of PYTHON, e.g. 'accelerate launch --num_processes 4' for 4 GPUs (examples/accelerate/); split on spaces; empty = PYTHON"
 )
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -113,6 +114,15 @@ number() {
 
 validate() {
   command -v "${PYTHON}" >/dev/null || die "PYTHON=${PYTHON} not found; run 'make setup' first"
+  local launcher=()
+  read -r -a launcher <<<"${LAUNCHER}"
+  if [[ ${#launcher[@]} -gt 0 ]] && ! command -v "${launcher[0]}" >/dev/null; then
+    # a usage error (exit 2), found before the collection rather than after it
+    printf 'train_pipeline.sh: error: LAUNCHER=%s: %s is not a command on PATH nor an executable file; ' \
+      "${LAUNCHER}" "${launcher[0]}" >&2
+    printf 'install accelerate (pip install accelerate) or give its path\n' >&2
+    exit 2
+  fi
   [[ "${MIN_ALIGNMENT}" =~ ^(low|moderate|good|excellent)$ ]] \
     || die "MIN_ALIGNMENT=${MIN_ALIGNMENT}: use low, moderate, good or excellent"
   [[ "${FORMAT}" =~ ^(tinyllama|mistral|llama3|chatml|auto)$ ]] \
@@ -400,7 +410,9 @@ train() {
   if [[ -n "${TRAIN_CONFIG}" ]]; then args+=(--config "${TRAIN_CONFIG}"); fi
   if [[ -n "${TRAIN_MINUTES}" ]]; then args+=(--max-minutes "${TRAIN_MINUTES}"); fi
   if [[ -n "${SEED}" ]]; then args+=(--seed "${SEED}"); fi
-  run_step train "${dir}/train.log" "${PYTHON}" "${SCRIPT_DIR}/train_local.py" "${args[@]}"
+  local launcher=("${PYTHON}")
+  if [[ -n "${LAUNCHER}" ]]; then read -r -a launcher <<<"${LAUNCHER}"; fi  # e.g. accelerate launch --num_processes 4
+  run_step train "${dir}/train.log" "${launcher[@]}" "${SCRIPT_DIR}/train_local.py" "${args[@]}"
 }
 
 # register_ollama DIR NAME: the adapter exported to DIR/adapter/ollama/ becomes Ollama model NAME through its HTTP

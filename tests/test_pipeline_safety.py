@@ -70,3 +70,16 @@ def test_bad_settings_fail_at_once(tmp_path, extra, pattern):
     assert time.monotonic() - started < 10  # no worker was started, nothing was collected
     assert snapshot(*before) == before
     assert not (tmp_path / "out" / "worker.log").exists()
+
+
+def test_a_launcher_that_is_not_a_command_is_refused_before_collecting(tmp_path):
+    (tmp_path / "model").mkdir()
+    env = settings(tmp_path, LAUNCHER="no-such-launcher launch --num_processes 2")
+    started = time.monotonic()
+    result = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "train_pipeline.sh: error: LAUNCHER=no-such-launcher launch --num_processes 2: no-such-launcher is not a command"
+    ), result.stderr
+    assert time.monotonic() - started < 10 and not (tmp_path / "out").exists()  # nothing started, nothing written
