@@ -2040,7 +2040,11 @@ def run(args) -> int:
     code = stopped_early(trainer, stop, output_dir)
     if code is not None:
         return code
-    # on every rank: under FSDP or DeepSpeed the weights are gathered collectively; only the main process writes
+    # on every rank: under FSDP or DeepSpeed the weights are gathered collectively; only the main process writes.
+    # FSDP writes nothing from a sharded state dict (transformers' save_model): gather a full one, as peft's
+    # examples/sft/train.py does
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(output_dir))
     info = {
         "method": args.method,
