@@ -2077,19 +2077,24 @@ def run(args) -> int:
             (output_dir / "training_summary.json").write_text(json.dumps(report, indent=2, default=str))
             for checkpoint in output_dir.glob("checkpoint-*"):  # the adapter is saved; checkpoints were for resuming
                 shutil.rmtree(checkpoint, ignore_errors=True)
-            if args.merge:
-                merge(output_dir, model_ref, args)
-            if cloudflare:
-                export_cloudflare(output_dir, cloudflare)
-            gguf_path = export_gguf(output_dir, output_dir / GGUF_NAME, base_config) if "gguf" in exports else None
-            if ollama_sidecar is not None:
-                base = args.ollama_base or str(Path(args.model).expanduser().resolve())
-                bos = tokenizer.bos_token if adds_bos else None
-                export_ollama(output_dir, gguf_path, base_config, ollama_sidecar, bos, base)
+            bos = tokenizer.bos_token if adds_bos else None
+            write_exports(output_dir, args, model_ref, base_config, cloudflare, ollama_sidecar, bos)
             log(done_line(report, output_dir))
     finally:
         trainer.accelerator.wait_for_everyone()
     return EXIT_OK
+
+
+def write_exports(output_dir: Path, args, model_ref: str, base_config, cloudflare, ollama_sidecar, bos) -> None:
+    """--merge and every --export, from the saved adapter (checked before training: see check_llama_exports)."""
+    if args.merge:
+        merge(output_dir, model_ref, args)
+    if cloudflare:
+        export_cloudflare(output_dir, cloudflare)
+    gguf_path = export_gguf(output_dir, output_dir / GGUF_NAME, base_config) if "gguf" in (args.export or []) else None
+    if ollama_sidecar is not None:
+        base = args.ollama_base or str(Path(args.model).expanduser().resolve())
+        export_ollama(output_dir, gguf_path, base_config, ollama_sidecar, bos, base)
 
 
 def done_line(report: dict, output_dir: Path) -> str:
