@@ -957,9 +957,6 @@ def agreed(flags: list[bool], args) -> list[bool]:
     return [bool(v) for v in votes.tolist()]
 
 
-SIGNAL_ECHO_SECONDS = 2.0  # a terminal's Ctrl-C and the launcher's copy of it reach a rank within milliseconds
-
-
 def StopWhenAsked(minutes: float | None):  # noqa: N802 - reads as a class at the call site; built here so transformers loads lazily
     """A TrainerCallback that ends training at the end of a step for three reasons: Ctrl-C or SIGTERM, or a GRPO
     worker failure (a checkpoint is saved for --resume), or --max-minutes (the adapter is saved as after a full run).
@@ -975,9 +972,6 @@ def StopWhenAsked(minutes: float | None):  # noqa: N802 - reads as a class at th
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.deadline = time.monotonic() + 60 * minutes if minutes else None
-            # a terminal sends Ctrl-C to the launcher and to every rank, and the launcher forwards it to the ranks:
-            # under a launcher the copy that follows at once is the same Ctrl-C, not a second one
-            self.echo = SIGNAL_ECHO_SECONDS if args.world_size > 1 else 0.0
             # before training, a Ctrl-C stops at once (nothing to save); once it runs, a step is finished first
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, self.request)
@@ -987,11 +981,11 @@ def StopWhenAsked(minutes: float | None):  # noqa: N802 - reads as a class at th
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
         def request(self, *_):
-            if self.signalled:
-                if time.monotonic() - self.signalled_at < self.echo:
-                    return
-                raise KeyboardInterrupt  # a second Ctrl-C: stop now
-            self.signalled, self.signalled_at = True, time.monotonic()
+            # under accelerate launch a terminal's Ctrl-C reaches the launcher alone (torchrun starts each rank in a
+            # session of its own), and the launcher sends it on to every rank once
+            if self.signalled:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self.signalled = True
             log("stopping after this step and saving a checkpoint (Ctrl-C again to abort without saving)")
 
         def on_step_end(self, args, state, control, **kwargs):

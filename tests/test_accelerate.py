@@ -126,8 +126,8 @@ def test_ctrl_c_stops_both_ranks_with_a_checkpoint_and_resume_finishes(tiny_mode
     args = ["--data", data["sft"], "--model", tiny_model, "--output-dir", out, "--batch-size", "1",
             "--max-steps", "60", "--save-steps", "10", "--eval-split", "0", *TINY]  # fmt: skip
     cmd += [str(a) for a in args]
-    # a terminal's Ctrl-C goes to the whole foreground group: the launcher and both ranks (and the launcher forwards
-    # its copy to the ranks): the harder case for the ranks, which must not take the copy for a second Ctrl-C
+    # a terminal's Ctrl-C goes to the whole foreground process group; torchrun starts the ranks in sessions of their
+    # own, so only the launcher gets it, and it sends it on to each rank
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
