@@ -116,12 +116,9 @@ validate() {
   command -v "${PYTHON}" >/dev/null || die "PYTHON=${PYTHON} not found; run 'make setup' first"
   local launcher=()
   read -r -a launcher <<<"${LAUNCHER}"
-  if [[ ${#launcher[@]} -gt 0 ]] && ! command -v "${launcher[0]}" >/dev/null; then
-    # a usage error (exit 2), found before the collection rather than after it
-    printf 'train_pipeline.sh: error: LAUNCHER=%s: %s is not a command on PATH nor an executable file; ' \
-      "${LAUNCHER}" "${launcher[0]}" >&2
-    printf 'install accelerate (pip install accelerate) or give its path\n' >&2
-    exit 2
+  if [[ ${#launcher[@]} -gt 0 ]] && ! command -v "${launcher[0]}" >/dev/null; then  # now, not after the collection
+    die "LAUNCHER=${LAUNCHER}: ${launcher[0]} is not a command on PATH nor an executable file; install accelerate" \
+      "(pip install accelerate) or give its path"
   fi
   [[ "${MIN_ALIGNMENT}" =~ ^(low|moderate|good|excellent)$ ]] \
     || die "MIN_ALIGNMENT=${MIN_ALIGNMENT}: use low, moderate, good or excellent"
