@@ -82,7 +82,6 @@ DEFAULT_TEMPERATURE = 0.7  # the old collector's; 0 means greedy
 DEFAULT_TOP_P = 0.9  # the old collector's
 DEFAULT_MAX_NEW_TOKENS = 256  # a few sentences; the scenarios want a short, kind answer
 DEFAULT_CONCURRENCY = 4  # parallel episodes; scoring calls are I/O-bound
-DEFAULT_BATCH_SIZE = 8  # transformers: answers generated per forward batch
 DEFAULT_TIMEOUT_S = 30.0  # read timeout of one worker request
 DEFAULT_GENERATION_TIMEOUT_S = 300.0  # read timeout of one Ollama/OpenAI generation request
 DEFAULT_RETRIES = 4  # per request, on connection errors, timeouts (GET only), 429 and 5xx
@@ -341,6 +340,15 @@ def generation_precision(precision: str, device: str, gpu_bf16: bool) -> str | N
     if precision != "auto":
         return None if precision == "fp16" and device == "cpu" else precision
     return "bf16" if device == "cuda" and gpu_bf16 else "fp32"
+
+
+CPU_BATCH_SIZE, OTHER_BATCH_SIZE = 32, 8
+
+
+def generation_batch_size(batch_size: int | None, device: str) -> int:
+    """--batch-size, else 32 on a CPU and 8 elsewhere (as before). A CPU's decoding step is bound by reading the
+    weights, once per step whatever the batch, so 32 answers per read gave 1.7-2.5x the tokens/s of 8 (README)."""
+    return batch_size or (CPU_BATCH_SIZE if device == "cpu" else OTHER_BATCH_SIZE)
 
 
 def length_sorted(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -910,7 +918,6 @@ class TransformersBackend:
 
     def __init__(self, args: argparse.Namespace, stop: threading.Event):
         self.args, self.stop = args, stop
-        self.batch_size = args.batch_size
         self.adapter = args.adapter
         self.model_name = resolve_base_model(args.model, args.adapter)
         self.model = self.model_name if not args.adapter else f"{self.model_name} + {args.adapter}"
@@ -935,6 +942,7 @@ class TransformersBackend:
         self.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
         gpu_bf16 = self.device == "cuda" and torch.cuda.is_bf16_supported()
         self.precision = generation_precision(self.args.precision, self.device, gpu_bf16)
+        self.batch_size = self.args.batch_size = generation_batch_size(self.args.batch_size, self.device)
         if self.precision is None:
             raise CliError("--precision fp16 needs a GPU; on a CPU use bf16 or fp32", EXIT_USAGE)
         print(f"{PROG}: loading {self.model} on {self.device} ({self.precision}) ...", file=sys.stderr)
@@ -2238,8 +2246,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--batch-size",
         type=int_range(1, MAX_BATCH_SIZE),
-        default=DEFAULT_BATCH_SIZE,
-        help="transformers: answers generated together (default: %(default)s)",
+        help="transformers: answers generated together (default: 32 on a CPU, where it is fastest, 8 elsewhere)",
     )
     g.add_argument(
         "--precision",

@@ -305,6 +305,15 @@ def generation_precision(precision: str, device: str, gpu_bf16: bool) -> str | N
     return "bf16" if device == "cuda" and gpu_bf16 else "fp32"
 
 
+CPU_BATCH_SIZE, OTHER_BATCH_SIZE = 32, 8
+
+
+def generation_batch_size(batch_size: int | None, device: str) -> int:
+    """--batch-size, else 32 on a CPU and 8 elsewhere (as before). A CPU's decoding step is bound by reading the
+    weights, once per step whatever the batch, so 32 answers per read gave 1.7-2.5x the tokens/s of 8 (README)."""
+    return batch_size or (CPU_BATCH_SIZE if device == "cpu" else OTHER_BATCH_SIZE)
+
+
 def length_sorted(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Batches of indices, prompts of like token length together (least padding, so least wasted compute); the
     caller puts each answer back at its index, so the output order is the input order."""
@@ -1206,7 +1215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling when sampling (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default: %(default)s)")
+    p.add_argument(
+        "--batch-size", type=int, help="prompts generated together (default: 32 on a CPU, where it is fastest; 8 else)"
+    )
     p.add_argument(
         "--precision",
         choices=GENERATION_PRECISIONS,
@@ -1259,7 +1270,7 @@ def check_flags(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--limit must be at least 1 (got {args.limit}); leave it out to evaluate the whole suite")
     for flag, value, top in (
         ("--samples", args.samples, MAX_SAMPLES),
-        ("--batch-size", args.batch_size, MAX_BATCH_SIZE),
+        ("--batch-size", args.batch_size or 1, MAX_BATCH_SIZE),
         ("--max-new-tokens", args.max_new_tokens, MAX_NEW_TOKENS_LIMIT),
         ("--bootstrap", args.bootstrap, MAX_BOOTSTRAP),
     ):
@@ -1442,6 +1453,7 @@ def run(args) -> int:
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     device = device_name(args)  # refuses --precision fp16 on a CPU before any worker is called
+    args.batch_size = generation_batch_size(args.batch_size, device)
     sessions = {"score": worker_session(args.worker_token, True), "store": worker_session(args.worker_token, False)}
     if args.prompt:
         return one_prompt(args, sessions, device)

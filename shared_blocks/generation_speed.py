@@ -16,6 +16,15 @@ def generation_precision(precision: str, device: str, gpu_bf16: bool) -> str | N
     return "bf16" if device == "cuda" and gpu_bf16 else "fp32"
 
 
+CPU_BATCH_SIZE, OTHER_BATCH_SIZE = 32, 8
+
+
+def generation_batch_size(batch_size: int | None, device: str) -> int:
+    """--batch-size, else 32 on a CPU and 8 elsewhere (as before). A CPU's decoding step is bound by reading the
+    weights, once per step whatever the batch, so 32 answers per read gave 1.7-2.5x the tokens/s of 8 (README)."""
+    return batch_size or (CPU_BATCH_SIZE if device == "cpu" else OTHER_BATCH_SIZE)
+
+
 def length_sorted(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Batches of indices, prompts of like token length together (least padding, so least wasted compute); the
     caller puts each answer back at its index, so the output order is the input order."""
