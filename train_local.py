@@ -783,12 +783,20 @@ def quantization_config(args, device: str):
 
     if args.use_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16,
+        bnb_4bit_compute_dtype=compute,
+        # FSDP shards only float tensors: 4-bit weights stored in a float dtype (bitsandbytes' FSDP-QLoRA recipe)
+        **({"bnb_4bit_quant_storage": compute} if under_fsdp() else {}),
     )
+
+
+def under_fsdp() -> bool:
+    """Whether `accelerate launch` runs this under FSDP (it says so in the environment it starts each rank with)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("true", "1")
 
 
 def fit_cpu_memory() -> None:
@@ -811,8 +819,9 @@ def fit_cpu_memory() -> None:
 
 def quantized_device_map(quant) -> dict | None:
     """Where a quantized (QLoRA) base goes: bitsandbytes loads it straight onto a GPU, so it needs a device_map.
-    Each rank of `accelerate launch` takes its own GPU (the local process index: 0 when alone), not all cuda:0."""
-    if quant is None:
+    Each rank of `accelerate launch` takes its own GPU (the local process index: 0 when alone), not all cuda:0; under
+    FSDP none, since FSDP places each rank's shard itself."""
+    if quant is None or under_fsdp():
         return None
     from accelerate import PartialState
 
