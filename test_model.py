@@ -1270,7 +1270,7 @@ def check_flags(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--limit must be at least 1 (got {args.limit}); leave it out to evaluate the whole suite")
     for flag, value, top in (
         ("--samples", args.samples, MAX_SAMPLES),
-        ("--batch-size", args.batch_size or 1, MAX_BATCH_SIZE),
+        ("--batch-size", 1 if args.batch_size is None else args.batch_size, MAX_BATCH_SIZE),
         ("--max-new-tokens", args.max_new_tokens, MAX_NEW_TOKENS_LIMIT),
         ("--bootstrap", args.bootstrap, MAX_BOOTSTRAP),
     ):
