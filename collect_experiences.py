@@ -51,7 +51,6 @@ import itertools
 import json
 import math
 import os
-import queue
 import random
 import signal
 import sqlite3
@@ -62,7 +61,8 @@ import time
 import uuid
 import warnings
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -1654,8 +1654,41 @@ class Stats:
 
 
 # --- the run -----------------------------------------------------------------------------------------------
+@dataclass
+class EpisodeResult:
+    """What became of `n` planned episodes: "done" (`episode` was scored), "failed" or "unusable" (stored by the
+    worker, its reply unrecordable) with a `cause`, "skipped" (the run was stopping) or "journal-failed" (not posted:
+    the in-flight journal could not be written)."""
+
+    kind: str
+    n: int = 1
+    episode: dict | None = None
+    cause: str | None = None
+
+
+@dataclass
+class TaskReport:
+    """A pool task's return value, read by the main thread (the only one that writes records or statistics)."""
+
+    results: list[EpisodeResult] = field(default_factory=list)
+    generated: list[tuple] = field(default_factory=list)  # (tokens, seconds) per answer a thread generated
+    retried: list[str] = field(default_factory=list)  # worker answers fetched again, by cause
+    scenario: dict | None = None  # the batched backend's fetch: the scenario to generate from
+
+
+@dataclass
+class Task:
+    """One job on the pool: `k` planned episodes, and whether it has posted an answer the run must wait for."""
+
+    k: int
+    fetch: bool = False  # the batched backend's fetch stage (its answers are generated on the main thread)
+    job: dict | None = None
+    posted: bool = False  # set under RunState.lock: once an answer is posted, the run waits for its outcome
+    future: Future | None = None
+
+
 class RunState:
-    """What the Ctrl-C handler, the episode threads and the main loop share."""
+    """What the Ctrl-C handler, the pool's threads and the main loop share."""
 
     def __init__(self):
         self.stop = threading.Event()  # set by Ctrl-C or when a server has gone: start nothing new
@@ -1664,24 +1697,20 @@ class RunState:
         self.record_failure: str | None = None  # a local record could not be written: stop, keep what is held
         self.journal: Journal | None = None
         self.lock = threading.Lock()
-        self.posting = 0  # scoring requests in flight: the run waits for these before it stops
-        self.results: queue.Queue = queue.Queue()
 
-    def begin_post(self) -> bool:
-        """Claim a scoring slot unless the run is stopping (checked under the lock the stop check waits on)."""
+    def begin_post(self, task: Task) -> bool:
+        """Mark `task` as posting unless the run is stopping; under the lock `holding` reads, so a stop either
+        comes first (nothing is posted) or sees the mark (the run waits for the outcome)."""
         with self.lock:
             if self.stop.is_set():
                 return False
-            self.posting += 1
+            task.posted = True
             return True
 
-    def end_post(self) -> None:
+    def holding(self, tasks) -> bool:
+        """Whether a running task has posted an answer whose outcome the main thread has not yet read."""
         with self.lock:
-            self.posting -= 1
-
-    def quiet(self) -> bool:
-        with self.lock:
-            return self.posting == 0 and self.results.empty()
+            return any(t.posted for t in tasks)
 
 
 def shuffled_forever(items: list, rng: random.Random):
@@ -1700,108 +1729,97 @@ def plan_jobs(episodes: int, per_scenario: int):
         yield rest
 
 
-def score_and_report(state: RunState, worker: WorkerClient, item: dict, text: str, tokens, generate_s: float) -> None:
-    """POST one answer and queue its outcome (or failure) for the main thread, which alone writes records.
+def internal_error(e: Exception) -> str:
+    """A bug in this script becomes a counted failure rather than a hung run (SAIGE_DEBUG=1 raises it)."""
+    if os.environ.get("SAIGE_DEBUG"):
+        raise e
+    return f"internal error: {type(e).__name__}: {e}"
+
+
+def score_answer(state: RunState, task: Task, worker: WorkerClient, item: dict, text: str, tokens, generate_s):
+    """POST one answer; its EpisodeResult.
 
     The answer goes into the in-flight journal first: once posted, the worker may store it, and a run killed
     before the outcome is recorded must leave a trace that --resume can reconcile. No journal entry, no post."""
-    if not state.begin_post():
-        state.results.put(("skipped", 1, None))
-        return
+    if not state.begin_post(task):
+        return EpisodeResult("skipped")
     key, posted_at = uuid.uuid4().hex, now_iso()
+    if state.journal is not None:
+        try:
+            state.journal.pending(key, posted_at, item, text, tokens)
+        except OSError as e:
+            state.journal.keep = True
+            return EpisodeResult("journal-failed", cause=e.strerror or str(e))
+    started = time.monotonic()
     try:
+        outcome = worker.simulate(item["scenario"]["id"], text)
+    except EpisodeError as e:
         if state.journal is not None:
-            try:
-                state.journal.pending(key, posted_at, item, text, tokens)
-            except OSError as e:
-                state.journal.keep = True
-                state.results.put(("journal-failed", 1, e.strerror or str(e)))
-                return
-        started = time.monotonic()
-        try:
-            outcome = worker.simulate(item["scenario"]["id"], text)
-        except EpisodeError as e:
-            if state.journal is not None:
-                reached = e.stored or "may be stored" in e.cause
-                state.journal.resolve(key, "stored" if e.stored else "may be stored" if reached else "not stored")
-            raise
-        episode = {**item, "response": text, "outcome": outcome, "tokens": tokens, "key": key, "posted_at": posted_at}
-        episode["timing"] = {"generate_s": round(generate_s, 4), "score_s": round(time.monotonic() - started, 4)}
-        state.results.put(("done", 1, episode))
-    except EpisodeError as e:
-        state.results.put(("unusable" if e.stored else "failed", 1, e.cause))
-    except Exception as e:  # noqa: BLE001 - a bug in this script: count it rather than hang the run
-        if os.environ.get("SAIGE_DEBUG"):
-            raise
-        state.results.put(("failed", 1, f"internal error: {type(e).__name__}: {e}"))
-    finally:
-        state.end_post()
+            reached = e.stored or "may be stored" in e.cause
+            state.journal.resolve(key, "stored" if e.stored else "may be stored" if reached else "not stored")
+        return EpisodeResult("unusable" if e.stored else "failed", cause=e.cause)
+    episode = {**item, "response": text, "outcome": outcome, "tokens": tokens, "key": key, "posted_at": posted_at}
+    episode["timing"] = {"generate_s": round(generate_s, 4), "score_s": round(time.monotonic() - started, 4)}
+    return EpisodeResult("done", episode=episode)
 
 
-def new_items(job: dict, scenario: dict) -> list[dict]:
-    return [{**job, "scenario": scenario, "sample": s, "seed": job["seeds"][s]} for s in range(job["k"])]
-
-
-def run_job(state: RunState, worker: WorkerClient, backend, args, job: dict) -> None:
-    """A threaded backend's whole episode: fetch a scenario, then answer and score it K times."""
-    reported = 0
-
-    def put(kind: str, n: int, data) -> None:
-        nonlocal reported
-        reported += n
-        state.results.put((kind, n, data))
-
+def score_task(state: RunState, task: Task, worker: WorkerClient, item: dict, text: str, tokens, generate_s):
+    """The batched backend's scoring stage: one generated answer, posted."""
     try:
-        if state.stop.is_set():
-            put("skipped", job["k"], None)
-            return
-        try:
-            scenario = worker.get_scenario(args.difficulty, lambda what: state.results.put(("note", 0, what)))
-        except EpisodeError as e:
-            put("failed", job["k"], e.cause)
-            return
-        for item in new_items(job, scenario):
-            if state.stop.is_set():
-                put("skipped", job["k"] - reported, None)
-                return
-            item["messages"] = build_messages(scenario, args.prompt_style, job["system"])
-            started = time.monotonic()
-            try:
-                text, tokens = backend.generate([item])[0]
-            except EpisodeError as e:
-                text, tokens = None, e.cause
-            generate_s = time.monotonic() - started
-            if text is None:
-                put("failed", 1, tokens)
-            elif not text:
-                put("failed", 1, "empty answer (not posted)")
-            else:
-                state.results.put(("generated", 0, (tokens, generate_s)))
-                reported += 1  # score_and_report queues this answer's own outcome
-                score_and_report(state, worker, item, text, tokens, generate_s)
-            if args.sleep:
-                state.stop.wait(args.sleep)  # the old collector's fixed pause (--sleep); Ctrl-C cuts it short
-    except Exception as e:  # noqa: BLE001 - a bug in this script: count it rather than hang the run
-        if os.environ.get("SAIGE_DEBUG"):
-            raise
-        if job["k"] > reported:
-            put("failed", job["k"] - reported, f"internal error: {type(e).__name__}: {e}")
+        return TaskReport([score_answer(state, task, worker, item, text, tokens, generate_s)])
+    except Exception as e:  # noqa: BLE001 - see internal_error
+        return TaskReport([EpisodeResult("failed", cause=internal_error(e))])
 
 
-def fetch_job(state: RunState, worker: WorkerClient, args, job: dict) -> None:
-    """The batched backend's fetch stage: queue the scenario for the main thread to generate from."""
+def new_items(job: dict, scenario: dict, args) -> list[dict]:
+    """The job's K episodes of `scenario`, each with its sample number, seed and messages."""
+    messages = build_messages(scenario, args.prompt_style, job["system"])
+    return [
+        {**job, "scenario": scenario, "sample": s, "seed": job["seeds"][s], "messages": messages}
+        for s in range(job["k"])
+    ]
+
+
+def answer_task(state: RunState, task: Task, worker: WorkerClient, backend, args, item: dict) -> TaskReport:
+    """A threaded backend's episode: generate one answer and score it."""
+    report = TaskReport()
+    try:
+        report.results.append(generate_and_score(state, task, worker, backend, item, report))
+    except Exception as e:  # noqa: BLE001 - see internal_error
+        report.results.append(EpisodeResult("failed", cause=internal_error(e)))
+    if args.sleep:
+        state.stop.wait(args.sleep)  # the old collector's fixed pause (--sleep); Ctrl-C cuts it short
+    return report
+
+
+def generate_and_score(state: RunState, task: Task, worker, backend, item: dict, report: TaskReport):
     if state.stop.is_set():
-        state.results.put(("fetch-skipped", job["k"], None))
-        return
+        return EpisodeResult("skipped")
+    started = time.monotonic()
     try:
-        scenario = worker.get_scenario(args.difficulty, lambda what: state.results.put(("note", 0, what)))
-        state.results.put(("scenario", 0, (job, scenario)))
+        text, tokens = backend.generate([item])[0]
     except EpisodeError as e:
-        state.results.put(("fetch-failed", job["k"], e.cause))
-    except Exception as e:  # noqa: BLE001 - a bug in this script: count it rather than hang the run
-        if os.environ.get("SAIGE_DEBUG"):
-            raise
-        state.results.put(("fetch-failed", job["k"], f"internal error: {type(e).__name__}: {e}"))
+        return EpisodeResult("failed", cause=e.cause)
+    if not text:
+        return EpisodeResult("failed", cause="empty answer (not posted)")
+    generate_s = time.monotonic() - started
+    report.generated.append((tokens, generate_s))
+    return score_answer(state, task, worker, item, text, tokens, generate_s)
+
+
+def fetch_task(state: RunState, task: Task, worker: WorkerClient, args) -> TaskReport:
+    """A job's first stage: the scenario its K answers are generated from."""
+    report = TaskReport()
+    if state.stop.is_set():
+        report.results.append(EpisodeResult("skipped", task.k))
+        return report
+    try:
+        report.scenario = worker.get_scenario(args.difficulty, report.retried.append)
+    except EpisodeError as e:
+        report.results.append(EpisodeResult("failed", task.k, cause=e.cause))
+    except Exception as e:  # noqa: BLE001 - see internal_error
+        report.results.append(EpisodeResult("failed", task.k, cause=internal_error(e)))
+    return report
 
 
 def plan(args, todo: int, first: int, system: str):
@@ -1840,110 +1858,163 @@ def generate_batch(backend, batch: list[dict], stats: Stats) -> tuple[list | str
     return answers, seconds
 
 
+class Tally:
+    """The main thread's account of the run: it records scored episodes, counts failures and trips the breaker."""
+
+    def __init__(self, state: RunState, stats: Stats, record, progress):
+        self.state, self.stats, self.record, self.progress = state, stats, record, progress
+        self.reported = 0  # planned episodes accounted for, whatever became of them
+        self.gone_in_a_row = 0
+
+    def take(self, report: TaskReport) -> None:
+        self.stats.retried.update(report.retried)
+        for tokens, seconds in report.generated:
+            self.stats.count_tokens(tokens)
+            self.stats.generation_s += seconds
+        for result in report.results:
+            self.add(result)
+
+    def add(self, result: EpisodeResult) -> None:
+        state, stats, n = self.state, self.stats, result.n
+        self.reported += n
+        if result.kind == "skipped":
+            return
+        if result.kind == "done":
+            self.record(result.episode)
+            stats.add(result.episode["outcome"])
+            self.gone_in_a_row = 0
+        elif result.kind == "journal-failed":
+            stats.failures["not posted (the in-flight journal could not be written)"] += n
+            if state.record_failure is None:
+                state.record_failure = f"the in-flight journal {state.journal.path}: {result.cause}"
+            state.stop.set()
+        elif result.kind == "unusable":
+            stats.failures[result.cause] += n
+            stats.stored_unusable += n
+            self.gone_in_a_row = 0
+        else:
+            self.failed(result.cause, n)
+        self.progress.update(n)
+        self.progress.set_postfix(stats.postfix(), refresh=False)
+
+    def failed(self, cause: str, n: int) -> None:
+        self.stats.failures[cause] += n
+        self.gone_in_a_row = self.gone_in_a_row + 1 if cause in (WORKER_GONE, BACKEND_GONE, NO_SCENARIOS) else 0
+        if self.gone_in_a_row >= BREAKER_FAILURES and not self.state.stop.is_set():
+            self.state.abort_reason = cause
+            self.state.stop.set()
+
+
+class Pool:
+    """The thread pool, and the tasks on it that the main thread has not yet read."""
+
+    def __init__(self, state: RunState, concurrency: int):
+        self.state = state
+        self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="episode")
+        self.pending: list[Task] = []
+        self.planned = 0  # episodes of the jobs fetched so far
+
+    def submit(self, task: Task, fn, *args) -> None:
+        task.future = self.executor.submit(fn, self.state, task, *args)
+        self.pending.append(task)
+
+    def finished(self, timeout: float) -> list[Task]:
+        """The tasks done within `timeout` seconds (the first one done ends the wait), in submission order."""
+        if not self.pending:
+            time.sleep(timeout)
+            return []
+        done = wait([t.future for t in self.pending], timeout=timeout, return_when=FIRST_COMPLETED).done
+        finished = [t for t in self.pending if t.future in done]
+        self.pending = [t for t in self.pending if t.future not in done]
+        return finished
+
+    def may_stop(self) -> bool:
+        """After a stop: no answer posted whose outcome is still to be read (what is left was never posted)."""
+        return not self.state.holding(self.pending)
+
+    def close(self) -> bool:
+        """Shut the pool down; whether a thread is still busy with a request whose answer is thrown away."""
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        # Threads can only still be busy after a stop: give them a moment (a GET being retried, say), no more.
+        futures = [t.future for t in self.pending]
+        return bool(wait(futures, timeout=STOP_GRACE_S).not_done) if self.state.stop.is_set() else False
+
+
 def collect(
     args, state: RunState, worker: WorkerClient, backend, record, stats: Stats, progress, todo: int, first: int
 ):
     """Run `todo` episodes, calling `record(episode)` (main thread only) for each scored one.
 
-    Threaded backends run whole episodes on the pool. The batched backend fetches and scores on the pool and
-    generates on this thread. Returns (episodes never attempted (Ctrl-C, or a server gone), whether some thread
-    is still busy with a request whose answer will be thrown away).
+    Scenarios are fetched on the pool. A threaded backend then answers and scores each sample on the pool; the
+    batched backend generates here, in batches, and scores on the pool. Returns (episodes never attempted (Ctrl-C,
+    or a server gone), whether some thread is still busy with a request whose answer will be thrown away).
     """
     system = args.system_prompt or backend.preferred_system or default_system(args.prompt_style)
     jobs = plan(args, todo, first, system)
-    next_job = next(jobs, None)
-    batched = not backend.threaded
-    # Submit only a little more than can run, so Ctrl-C leaves little queued and scoring never waits behind it.
-    window = 3 * args.batch_size + args.concurrency if batched else 2 * args.concurrency
-    pool = ThreadPoolExecutor(max_workers=args.concurrency, thread_name_prefix="episode")
-    futures: list = []
-    submitted = reported = fetching = gone_in_a_row = 0
-    buffer: deque = deque()  # batched: answers waiting to be generated
+    tally, pool = Tally(state, stats, record, progress), Pool(state, args.concurrency)
+    drive = drive_threaded if backend.threaded else drive_batched
     try:
-        while reported < todo:
-            while next_job is not None and not state.stop.is_set() and submitted - reported < window:
-                job, next_job = next_job, next(jobs, None)
-                submitted += job["k"]
-                if batched:
-                    fetching += job["k"]
-                    futures.append(pool.submit(fetch_job, state, worker, args, job))
-                else:
-                    futures.append(pool.submit(run_job, state, worker, backend, args, job))
-            if batched and buffer and not state.stop.is_set() and (len(buffer) >= args.batch_size or not fetching):
-                batch = take_batch(buffer, args.batch_size, backend)
-                answers, seconds = generate_batch(backend, batch, stats)
-                if state.stop.is_set():  # Ctrl-C cut the batch short: its answers are unfinished, post none
-                    reported += len(batch)
-                elif isinstance(answers, str):
-                    stats.failures[answers] += len(batch)
-                    reported += len(batch)
-                    progress.update(len(batch))
-                else:
-                    for item, (text, tokens) in zip(batch, answers):
-                        if text:  # each answer's share of the batch's time
-                            futures.append(
-                                pool.submit(score_and_report, state, worker, item, text, tokens, seconds / len(batch))
-                            )
-                        else:
-                            stats.failures["empty answer (not posted)"] += 1
-                            reported += 1
-                            progress.update(1)
-                continue
-            try:
-                kind, n, data = state.results.get(timeout=0.1)
-            except queue.Empty:
-                if state.stop.is_set() and state.quiet():
-                    break  # stopping, and nothing is being scored: what is left was never posted
-                continue
-            if kind == "note":
-                stats.retried[data] += 1
-                continue
-            if kind == "generated":
-                tokens, seconds = data
-                stats.count_tokens(tokens)
-                stats.generation_s += seconds
-                continue
-            if kind == "scenario":
-                job, scenario = data
-                fetching -= job["k"]
-                for item in new_items(job, scenario):
-                    item["messages"] = build_messages(scenario, args.prompt_style, job["system"])
-                    buffer.append(item)
-                continue
-            if kind.startswith("fetch-"):
-                fetching -= n
-                kind = kind[len("fetch-") :]
-            reported += n
-            if kind == "skipped":
-                continue
-            if kind == "done":
-                record(data)
-                stats.add(data["outcome"])
-                gone_in_a_row = 0
-            elif kind == "journal-failed":
-                stats.failures["not posted (the in-flight journal could not be written)"] += n
-                if state.record_failure is None:
-                    state.record_failure = f"the in-flight journal {state.journal.path}: {data}"
-                state.stop.set()
-            elif kind == "unusable":
-                stats.failures[data] += n
-                stats.stored_unusable += n
-                gone_in_a_row = 0
-            else:
-                stats.failures[data] += n
-                gone_in_a_row = gone_in_a_row + 1 if data in (WORKER_GONE, BACKEND_GONE, NO_SCENARIOS) else 0
-                if gone_in_a_row >= BREAKER_FAILURES and not state.stop.is_set():
-                    state.abort_reason = data
-                    state.stop.set()
-            progress.update(n)
-            progress.set_postfix(stats.postfix(), refresh=False)
-            if len(futures) > 4 * window:
-                futures = [f for f in futures if not f.done()]
+        drive(args, state, worker, backend, jobs, tally, pool, todo)
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-    # Threads can only still be busy after a stop: give them a moment (a GET being retried, say), no more.
-    busy = wait(futures, timeout=STOP_GRACE_S).not_done if state.stop.is_set() else set()
-    return todo - stats.n - sum(stats.failures.values()), bool(busy)
+        busy = pool.close()
+    return todo - stats.n - sum(stats.failures.values()), busy
+
+
+def fetch_more(args, state: RunState, worker, jobs, tally: Tally, pool: Pool, window: int) -> None:
+    """Fetch scenarios while fewer than `window` planned episodes are unaccounted for: only a little more than can
+    run is queued, so Ctrl-C leaves little waiting and scoring never waits behind it."""
+    while pool.planned - tally.reported < window and not state.stop.is_set() and (job := next(jobs, None)):
+        pool.planned += job["k"]
+        pool.submit(Task(job["k"], fetch=True, job=job), fetch_task, worker, args)
+
+
+def drive_threaded(args, state: RunState, worker, backend, jobs, tally: Tally, pool: Pool, todo: int) -> None:
+    """Each answer generated and scored on the pool."""
+    while tally.reported < todo:
+        fetch_more(args, state, worker, jobs, tally, pool, window=2 * args.concurrency)
+        for task in pool.finished(timeout=0.1):
+            report = task.future.result()
+            tally.take(report)
+            for item in new_items(task.job, report.scenario, args) if report.scenario else ():
+                if state.stop.is_set():
+                    tally.add(EpisodeResult("skipped"))
+                else:
+                    pool.submit(Task(1), answer_task, worker, backend, args, item)
+        if state.stop.is_set() and pool.may_stop():
+            return
+
+
+def drive_batched(args, state: RunState, worker, backend, jobs, tally: Tally, pool: Pool, todo: int) -> None:
+    """Answers generated here in batches of like-length prompts, each scored on the pool."""
+    buffer: deque = deque()  # answers waiting to be generated
+    while tally.reported < todo:
+        fetch_more(args, state, worker, jobs, tally, pool, window=3 * args.batch_size + args.concurrency)
+        fetching = any(t.fetch for t in pool.pending)
+        if buffer and not state.stop.is_set() and (len(buffer) >= args.batch_size or not fetching):
+            generate_and_submit(args, state, worker, backend, take_batch(buffer, args.batch_size, backend), tally, pool)
+            continue
+        for task in pool.finished(timeout=0.1):
+            report = task.future.result()
+            tally.take(report)
+            if report.scenario is not None:
+                buffer.extend(new_items(task.job, report.scenario, args))
+        if state.stop.is_set() and pool.may_stop():
+            return
+
+
+def generate_and_submit(args, state: RunState, worker, backend, batch: list[dict], tally: Tally, pool: Pool) -> None:
+    """Generate one batch here, then post each answer from the pool."""
+    answers, seconds = generate_batch(backend, batch, tally.stats)
+    if state.stop.is_set():  # Ctrl-C cut the batch short: its answers are unfinished, post none
+        tally.reported += len(batch)
+    elif isinstance(answers, str):
+        tally.add(EpisodeResult("failed", len(batch), cause=answers))
+    else:
+        for item, (text, tokens) in zip(batch, answers):
+            if text:  # each answer's share of the batch's time
+                pool.submit(Task(1), score_task, worker, item, text, tokens, seconds / len(batch))
+            else:
+                tally.add(EpisodeResult("failed", cause="empty answer (not posted)"))
 
 
 def default_system(style: str) -> str:
@@ -1958,8 +2029,9 @@ def spread(values: list[float], lower_is_better: bool) -> dict:
     return {"mean": round(sum(values) / len(values), 4), "best": best(values), "worst": worst(values)}
 
 
-def summarize(args, stats: Stats, backend_name: str, model, elapsed: float, previous: int, not_attempted: int) -> dict:
-    """The machine-readable summary (--json); report_lines() words the same dict for people."""
+def summarize(args, stats: Stats, backend_name: str, model, elapsed: float, previous: int, not_attempted: int, **run):
+    """The machine-readable summary (--json); report_lines() words the same dict for people. `run` holds how the
+    run ended (records written, interruption, exit code); the defaults are those of a run that had nothing to do."""
     generation = {"seconds": round(stats.generation_s, 3), "tokens": stats.tokens if stats.tokens_known else None}
     if stats.tokens_known and stats.generation_s > 0:
         generation["tokens_per_s"] = round(stats.tokens / stats.generation_s, 2)
@@ -2004,6 +2076,7 @@ def summarize(args, stats: Stats, backend_name: str, model, elapsed: float, prev
         "rescued": None,
         "resume_command": None,
         "exit_code": EXIT_OK,
+        **run,
     }
 
 
@@ -2650,10 +2723,22 @@ def report(args, state, records: Records, stats, backend, elapsed, previous, not
         print(f"{PROG}: stopped early: {what} failed {BREAKER_FAILURES} episodes in a row", file=sys.stderr)
         stats.failures[f"not attempted ({what} stopped answering)"] += not_attempted
         not_attempted = 0
-    rescued = records.rescue()
-    summary = summarize(args, stats, backend.name, backend.model, elapsed, previous, not_attempted)
-    summary["precision"] = getattr(backend, "precision", None)  # transformers: the dtype it generated in
-    summary.update(
+    failed_record = state.record_failure is not None
+    resume = None
+    if failed_record:
+        # --resume counts the log, so what was kept only in --db or the rescue file comes off --episodes; without
+        # a log there is no --resume, and the command asks for what is left
+        left = args.episodes - (records.db_only + len(records.held) if args.output_jsonl else stats.n)
+        resume = resume_command(args, left) if left > 0 else None
+    code = (
+        EXIT_SINK if failed_record
+        else EXIT_INTERRUPTED if state.interrupted
+        else EXIT_FAILED if sum(stats.failures.values())
+        else EXIT_OK
+    )  # fmt: skip
+    summary = summarize(
+        args, stats, backend.name, backend.model, elapsed, previous, not_attempted,
+        precision=getattr(backend, "precision", None),  # transformers: the dtype it generated in
         db_is_worker_db=db_is_worker,
         db_rows_inserted=records.local_db.rows if records.local_db else 0,
         jsonl_lines_written=records.lines,
@@ -2662,21 +2747,10 @@ def report(args, state, records: Records, stats, backend, elapsed, previous, not
         record_failures=dict(records.broken),
         in_db_only=records.db_only,
         in_jsonl_only=records.jsonl_only,
-        rescued=rescued,
-    )
-    failed_record = state.record_failure is not None
-    if failed_record:
-        # --resume counts the log, so what was kept only in --db or the rescue file comes off --episodes; without
-        # a log there is no --resume, and the command asks for what is left
-        left = args.episodes - (records.db_only + len(records.held) if args.output_jsonl else stats.n)
-        summary["resume_command"] = resume_command(args, left) if left > 0 else None
-    code = (
-        EXIT_SINK if failed_record
-        else EXIT_INTERRUPTED if state.interrupted
-        else EXIT_FAILED if summary["failed"]
-        else EXIT_OK
+        rescued=records.rescue(),
+        resume_command=resume,
+        exit_code=code,
     )  # fmt: skip
-    summary["exit_code"] = code
     if not args.quiet:
         print("\n".join(report_lines(summary)), file=sys.stderr)
     if failed_record:

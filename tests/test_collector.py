@@ -520,6 +520,43 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_the_job(worker, tmp_path):
     assert len(lines_of(log)) == 30 == count(db) == count(worker.db)
 
 
+class SlowLLM(FakeLLM):
+    """Answers the first `fast` requests at once, then takes `delay` seconds for each."""
+
+    def __init__(self, fast: int, delay: float):
+        super().__init__()
+        self.fast, self.delay = fast, delay
+
+    def next_answer(self) -> str:
+        answer = super().next_answer()
+        if self.calls > self.fast:
+            time.sleep(self.delay)
+        return answer
+
+
+def test_ctrl_c_does_not_wait_for_a_slow_generation_and_keeps_every_scored_sample(worker, tmp_path):
+    """Threaded backend, K samples per scenario: each sample is recorded once scored, not when its scenario's
+    last sample is, and Ctrl-C waits only for answers already posted, never for a generation in progress."""
+    llm = SlowLLM(fast=3, delay=60)
+    db, log = tmp_path / "local.db", tmp_path / "runs.jsonl"
+    with serve(llm) as base:
+        cmd = [sys.executable, str(ROOT / SCRIPT), "--worker-url", worker.url, "--backend", "ollama",
+               "--ollama-url", base, "--episodes", "12", "--samples-per-scenario", "4", "--concurrency", "2",
+               "--db", str(db), "--output-jsonl", str(log)]  # fmt: skip
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=clean_env())
+        deadline = time.monotonic() + 30
+        while not (log.exists() and len(log.read_text().splitlines()) >= 3):
+            assert time.monotonic() < deadline and proc.poll() is None, "the fast samples were not recorded"
+            time.sleep(0.02)
+        stopped_at = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    assert time.monotonic() - stopped_at < 15, "Ctrl-C waited for a generation"
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert len(lines_of(log)) == 3 == count(db) == count(worker.db)  # the first scenario's scored samples, once each
+
+
 # --- the transformers backend ----------------------------------------------------------------------------
 WORDS = (
     "i you we the a to and is are be kind help call doctor sorry hear that sounds hard here for with your this can "
@@ -631,6 +668,7 @@ def test_precision_is_checked_before_the_model_loads(worker, tiny_model):
 def test_take_batch_puts_like_lengths_together_oldest_first():
     spec = importlib.util.spec_from_file_location("collector_for_batches", ROOT / "collect_experiences.py")
     collector = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = collector  # dataclasses look their module up there
     spec.loader.exec_module(collector)
 
     class Lengths:
