@@ -23,6 +23,10 @@ Examples:
   python train_local.py --data train.csv --model offline --export gguf --export ollama   # llama.cpp / Ollama
   accelerate launch train_local.py --data train.csv      # data-parallel on every GPU of the machine
 
+TRL's names work too: --num_train_epochs (= --epochs), --per_device_train_batch_size, --lora_r, --load_in_4bit,
+--max_steps ...; and any other field of the method's TRL config (SFTConfig, DPOConfig, GRPOConfig) passes through,
+on the command line or in a recipe: --save_total_limit 5, --neftune_noise_alpha 5, --weight_decay 0.01.
+
 Colab: upload this file and your CSV, then
   !pip install -q transformers trl peft datasets accelerate bitsandbytes gguf && python train_local.py --data x.csv
 
@@ -87,6 +91,35 @@ CLOUDFLARE_BASES = {  # hub base model -> (Workers AI model, model_type for adap
 }
 
 METHODS = ("sft", "dpo", "grpo")
+TRL_CLASSES = {
+    "sft": ("SFTConfig", "SFTTrainer"),
+    "dpo": ("DPOConfig", "DPOTrainer"),
+    "grpo": ("GRPOConfig", "GRPOTrainer"),
+}
+# TRL's and transformers' names for our flags (TRL's scripts and recipes use them): either spelling works, on the
+# command line and in a --config recipe. Any other field of the method's TRL config passes through as it is.
+TRL_NAMES = {
+    "--model-name-or-path": "--model",
+    "--num-train-epochs": "--epochs",
+    "--per-device-train-batch-size": "--batch-size",
+    "--lr-scheduler-type": "--lr-scheduler",
+    "--lora-r": "--lora-rank",
+    "--lora-target-modules": "--target-modules",
+    "--load-in-4bit": "--use-4bit",
+    "--load-in-8bit": "--use-8bit",
+    "--resume-from-checkpoint": "--resume",
+}
+# TRL config fields derived from our flags or the machine, which a pass-through would contradict
+TRL_DERIVED = {
+    "per_device_eval_batch_size": "--batch-size",
+    "activation_checkpointing": "--gradient-checkpointing",
+    "warmup_steps": "--warmup-ratio",
+    "fp16": "--precision",
+    "use_cpu": "--precision and the device found",
+    "train_sampling_strategy": "--group-by-length",
+    "completion_only_loss": "--train-on-prompt",
+    "disable_tqdm": "--quiet",
+}
 DEFAULT_BETA = {"dpo": 0.1, "grpo": 0.04}  # TRL's DPO default; GRPO: DeepSeekMath's KL weight, a brake on hacking
 DEFAULT_WORKER_URL = "http://localhost:8787"
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
@@ -906,30 +939,21 @@ def common_config(args, device: str, precision: str, has_eval: bool) -> dict:
 
 def build_trainer(model, tokenizer, train, evaluation, args, device: str, precision: str, callbacks: list, extra):
     """The method's TRL trainer with a LoRA adapter; `extra` is SFT's completion-only flag or GRPO's reward."""
+    import trl
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     common = common_config(args, device, precision, evaluation is not None)
     if args.method == "dpo":
-        from trl import DPOConfig, DPOTrainer
-
-        config = DPOConfig(**common, beta=args.beta, max_length=args.max_length, precompute_ref_log_probs=True)
-        trainer_class, specific = DPOTrainer, {}
+        specific = dict(beta=args.beta, max_length=args.max_length, precompute_ref_log_probs=True)
     elif args.method == "grpo":
-        from trl import GRPOConfig, GRPOTrainer
-
-        config = GRPOConfig(
-            **common,
+        specific = dict(
             beta=args.beta,
             num_generations=args.num_generations,
             max_completion_length=args.max_completion_length,
             temperature=args.temperature,
         )
-        trainer_class, specific = GRPOTrainer, {"reward_funcs": extra}
     else:
-        from trl import SFTConfig, SFTTrainer
-
-        config = SFTConfig(
-            **common,
+        specific = dict(
             max_length=args.max_length,
             packing=args.packing,
             # batches of similar lengths pad less: on a CPU, padding is most of a naive run's time
@@ -937,7 +961,9 @@ def build_trainer(model, tokenizer, train, evaluation, args, device: str, precis
             completion_only_loss=extra,
             include_num_input_tokens_seen="non_padding",
         )
-        trainer_class, specific = SFTTrainer, {}
+    config_name, trainer_name = TRL_CLASSES[args.method]
+    config = getattr(trl, config_name)(**{**common, **specific, **args.trl_fields})
+    trainer_class = getattr(trl, trainer_name)
     trainer = trainer_class(
         model=model,
         args=config,
@@ -946,7 +972,7 @@ def build_trainer(model, tokenizer, train, evaluation, args, device: str, precis
         processing_class=tokenizer,
         peft_config=lora_config(args),
         callbacks=[*callbacks, ProgressBar(args.quiet)],
-        **specific,
+        **({"reward_funcs": extra} if args.method == "grpo" else {}),
     )
     for printer in (PrinterCallback, ProgressCallback):  # they print log dicts on stdout; ProgressBar replaces them
         trainer.remove_callback(printer)
@@ -2112,14 +2138,15 @@ def done_line(report: dict, output_dir: Path) -> str:
     return f"{line}; adapter in {output_dir}"
 
 
-def apply_recipe(parser: argparse.ArgumentParser, argv: list[str] | None) -> None:
+def apply_recipe(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[str | None, list[str]]:
     """--config FILE.yaml: the recipe's settings become the parser's defaults, so the command line overrides them
-    and every value goes through the same checks as the flag's."""
+    and every value goes through the same checks as the flag's. Keys that are not our flags are returned as
+    command-line tokens for trl_passthrough, with the recipe's path."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     path = pre.parse_known_args(argv)[0].config
     if path is None:
-        return
+        return None, []
     import yaml
 
     try:
@@ -2131,14 +2158,74 @@ def apply_recipe(parser: argparse.ArgumentParser, argv: list[str] | None) -> Non
     if not isinstance(recipe, dict):
         parser.error(f"--config {path}: expected a mapping of flag names to values (epochs: 3)")
     flags = {o.lstrip("-"): a for a in parser._actions for o in a.option_strings if o.startswith("--")}
+    rest = []
     for key, value in recipe.items():
-        action = flags.get(str(key).replace("_", "-"))
-        if action is None or action.dest in ("config", "help"):
-            parser.error(f"--config {path}: {key!r} is not a flag of train_local.py (see --help)")
+        dashed = "--" + str(key).replace("_", "-")
+        action = flags.get(TRL_NAMES.get(dashed, dashed)[2:])
+        if action is None:
+            rest += recipe_tokens(parser, str(key), value, f"--config {path}: {key}")
+            continue
+        if action.dest in ("config", "help"):
+            parser.error(f"--config {path}: {key!r} is not a setting (see --help)")
         value = recipe_value(parser, action, value, f"--config {path}: {key}")
         if str(key).replace("_", "-").startswith("no-") and isinstance(action, argparse.BooleanOptionalAction):
             value = not value  # no-group-by-length: true
         parser.set_defaults(**{action.dest: value})
+    return path, rest
+
+
+def recipe_tokens(parser: argparse.ArgumentParser, key: str, value, where: str) -> list[str]:
+    """A recipe key that is not our flag, as the tokens `--key value...` a TRL field takes on the command line."""
+    values = value if isinstance(value, list) else [value]
+    if any(isinstance(v, (dict, list)) or v is None for v in values):
+        parser.error(f"{where}: expected a value or a list of values, got {value!r}")
+    return [f"--{key}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
+
+
+def our_spelling(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """Our flags also answer to underscores (--max_steps) and to TRL's names (--num_train_epochs = --epochs)."""
+    ours = {o for a in parser._actions for o in a.option_strings}
+    spelled = []
+    for token in argv:
+        name, eq, value = token.partition("=")
+        dashed = name.replace("_", "-")
+        if token.startswith("--") and TRL_NAMES.get(dashed, dashed) in ours:
+            token = TRL_NAMES.get(dashed, dashed) + eq + value
+        spelled.append(token)
+    return spelled
+
+
+def trl_passthrough(parser: argparse.ArgumentParser, method: str, rest: list[str], where: str) -> dict:
+    """Any other field of the method's TRL config (--save_total_limit 5, --neftune_noise_alpha 5), parsed by
+    transformers' own parser for that dataclass, so each value is checked and typed as TRL's scripts do."""
+    if not rest:
+        return {}
+    import dataclasses
+
+    import trl
+    from transformers import HfArgumentParser
+
+    class Refusing(HfArgumentParser):
+        def error(self, message):
+            raise ValueError(message)
+
+    config_name = TRL_CLASSES[method][0]
+    config_class = getattr(trl, config_name)
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    names = [t[2:].partition("=")[0].replace("-", "_") for t in rest if t.startswith("--")]
+    unknown = [f"--{n}" for n in names if n not in fields] or ([] if names else rest)
+    if unknown:
+        parser.error(f"{where}unrecognized arguments: {' '.join(unknown)} (not a flag, nor a field of {config_name})")
+    for name in names:
+        if name in TRL_DERIVED:
+            parser.error(f"{where}--{name}: set here by {TRL_DERIVED[name]}")
+    try:
+        values, left = Refusing(config_class).parse_known_args(rest)
+    except ValueError as e:
+        parser.error(f"{where}{e} ({config_name})")
+    if left:
+        parser.error(f"{where}unrecognized arguments: {' '.join(left)}")
+    return {name: getattr(values, name) for name in names}
 
 
 def recipe_value(parser: argparse.ArgumentParser, action: argparse.Action, value, where: str):
@@ -2180,8 +2267,13 @@ def check_usage(parser: argparse.ArgumentParser, args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    apply_recipe(parser, argv)
-    args = parser.parse_args(argv)
+    argv = our_spelling(parser, sys.argv[1:] if argv is None else argv)
+    recipe, recipe_rest = apply_recipe(parser, argv)
+    args, rest = parser.parse_known_args(argv)
+    args.trl_fields = {  # the command line's win
+        **trl_passthrough(parser, args.method, recipe_rest, f"--config {recipe}: "),
+        **trl_passthrough(parser, args.method, rest, ""),
+    }
     try:
         check_usage(parser, args)
         clash = output_clash(args)

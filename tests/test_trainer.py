@@ -293,6 +293,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(saige_data, tiny_model, t
         (["--model", "missing.gguf"], "model file not found", 1),
         (["--lora-rank", "0"], "must be a positive integer", 2),
         (["--use-4bit", "--use-8bit"], "not allowed with argument", 2),
+        (["--no_such_field", "1"], "unrecognized arguments: --no_such_field", 2),
+        (["--save_total_limit", "abc"], "invalid int value: 'abc'", 2),
+        (["--use_cpu", "true"], "--use_cpu: set here by --precision", 2),
     ],
 )
 def test_bad_input_is_one_clear_line(saige_data, tiny_model, tmp_path, args, message, code):
@@ -423,10 +426,37 @@ def test_recipe_sets_flags_and_the_command_line_wins(saige_data, tiny_model, tmp
     assert used["epochs"] == 1 and used["max_steps"] == 2 and used["group_by_length"] is False
 
 
+def test_trl_names_and_any_other_trl_field_pass_through(saige_data, tiny_model, tmp_path):
+    """TRL's spelling of our flags works, and a field we have no flag for reaches TRL's config (recipe, then the
+    command line, which wins)."""
+    torch = pytest.importorskip("torch")
+    data = convert(saige_data, tmp_path / "train.csv")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("weight_decay: 0.5\nadam_beta2: 0.99\nlora_r: 4\n")
+    out = tmp_path / "out"
+    result = train(data, tiny_model, out, "--config", str(recipe), "--num_train_epochs", "1", "--max_steps=2",
+                   "--weight_decay", "0.01", "--save-total-limit", "1")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    config = torch.load(out / "training_args.bin", weights_only=False)
+    assert (config.num_train_epochs, config.max_steps, config.save_total_limit) == (1, 2, 1)
+    assert (config.weight_decay, config.adam_beta2) == (0.01, 0.99)
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    used = json.loads((out / "training_summary.json").read_text())["args"]
+    assert used["epochs"] == 1 and used["trl_fields"] == {
+        "adam_beta2": 0.99,
+        "weight_decay": 0.01,
+        "save_total_limit": 1,
+    }
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("epochs: 1\nlearning_rat: 0.1\n", "'learning_rat' is not a flag of train_local.py"),
+        (
+            "epochs: 1\nlearning_rat: 0.1\n",
+            "unrecognized arguments: --learning_rat (not a flag, nor a field of SFTConfig)",
+        ),
+        ("save_total_limit: many\n", "invalid int value: 'many'"),
         ("epochs: -1\n", "--config"),
         ("packing: maybe\n", "expected true or false"),
         ("method: sideways\n", "is not one of"),
