@@ -2265,15 +2265,22 @@ def check_usage(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--data and --suite both give GRPO its prompts; pass one")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_arguments(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """Flags, a --config recipe under them, and TRL fields passed through (args.trl_fields; the command line's win).
+    Usage errors exit 2 here, before anything heavy (the pipeline calls this to check TRAIN_CONFIG early)."""
     parser = build_parser()
-    argv = our_spelling(parser, sys.argv[1:] if argv is None else argv)
+    argv = our_spelling(parser, argv)
     recipe, recipe_rest = apply_recipe(parser, argv)
     args, rest = parser.parse_known_args(argv)
-    args.trl_fields = {  # the command line's win
+    args.trl_fields = {
         **trl_passthrough(parser, args.method, recipe_rest, f"--config {recipe}: "),
         **trl_passthrough(parser, args.method, rest, ""),
     }
+    return parser, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, args = parse_arguments(sys.argv[1:] if argv is None else argv)
     try:
         check_usage(parser, args)
         clash = output_clash(args)

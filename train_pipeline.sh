@@ -176,7 +176,7 @@ validate() {
   if [[ -n "${TRAIN_CONFIG}" ]]; then  # the trainer's own recipe check, now rather than after the collection
     local problem
     problem="$("${PYTHON}" -c 'import sys; sys.path.insert(0, sys.argv[1]); import train_local as t
-t.apply_recipe(t.build_parser(), ["--config", sys.argv[2]])' "${SCRIPT_DIR}" "${TRAIN_CONFIG}" 2>&1 >/dev/null)" \
+t.parse_arguments(["--config", sys.argv[2], "--method", sys.argv[3]])' "${SCRIPT_DIR}" "${TRAIN_CONFIG}" "${METHOD}" 2>&1 >/dev/null)" \
       || die "TRAIN_CONFIG=${TRAIN_CONFIG}: not a usable recipe: ${problem##*--config "${TRAIN_CONFIG}": }"
   fi
   check_paths

@@ -45,7 +45,7 @@ BAD = [
     ("db-is-summary", {"DB_PATH": "{tmp}/out/summary.txt"}, r"lies in .*summary\.txt, which the pipeline writes"),
     ("db-is-folder", {"DB_PATH": "{tmp}"}, r"DB_PATH=.* is a folder"),
     ("train-config-missing", {"TRAIN_CONFIG": "{tmp}/none.yaml"}, r"none\.yaml: not a usable recipe: cannot read"),
-    ("train-config-typo", {"TRAIN_CONFIG": "{tmp}/typo.yaml"}, r"not a usable recipe: 'epoch' is not a flag"),
+    ("train-config-typo", {"TRAIN_CONFIG": "{tmp}/typo.yaml"}, r"recipe: unrecognized arguments: --epoch \(not a"),
     ("out-under-a-file", {"OUTPUT_DIR": "{db}/out"}, r"cannot be made: .*saige\.db is a file"),
 ]
 
