@@ -703,6 +703,11 @@ def load_bank(path: Path) -> list[dict]:
     """Read and check the scenario bank (a JSON array of scenario objects)."""
     if path.is_dir():
         raise CliError(f"scenario bank {path} is a folder (pass --bank FILE, a JSON array of scenarios)")
+    if not path.is_file() and path == DEFAULT_BANK:  # the script uploaded alone (Colab): say what it needs
+        raise CliError(
+            f"no scenario bank: the worker's scenarios ship beside it as data/scenarios.json (from the repository); "
+            f"copy that file to {path}, or pass --bank FILE (a JSON array of scenarios)"
+        )
     if not path.is_file():
         raise CliError(f"scenario bank not found: {path} (pass --bank FILE)")
     try:

@@ -361,6 +361,18 @@ def test_bad_bank_leaves_no_new_database(tmp_path):
     assert not db.exists()
 
 
+def test_the_script_uploaded_alone_says_which_bank_file_it_needs(tmp_path):
+    """Colab: the script uploaded without data/scenarios.json; --init names the file and --bank, creates nothing."""
+    alone = tmp_path / "colab"
+    alone.mkdir()
+    (alone / SCRIPT).write_bytes((ROOT / SCRIPT).read_bytes())
+    db = alone / "w.db"
+    cmd = [sys.executable, str(alone / SCRIPT), "--init", "--db", str(db), "--port", "0"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=60)
+    assert_refused(result, 1, r"data/scenarios\.json .*copy that file to .*colab/data/scenarios\.json, or pass --bank")
+    assert not db.exists() and sorted(p.name for p in alone.iterdir()) == [SCRIPT]
+
+
 def test_port_in_use_leaves_no_new_database(tmp_path):
     db = tmp_path / "w.db"
     with socket.socket() as sock:
