@@ -1673,7 +1673,7 @@ class TaskReport:
     results: list[EpisodeResult] = field(default_factory=list)
     generated: list[tuple] = field(default_factory=list)  # (tokens, seconds) per answer a thread generated
     retried: list[str] = field(default_factory=list)  # worker answers fetched again, by cause
-    scenario: dict | None = None  # the batched backend's fetch: the scenario to generate from
+    scenario: dict | None = None  # a fetch task's: the scenario its job's answers are generated from
 
 
 @dataclass
@@ -1681,7 +1681,7 @@ class Task:
     """One job on the pool: `k` planned episodes, and whether it has posted an answer the run must wait for."""
 
     k: int
-    fetch: bool = False  # the batched backend's fetch stage (its answers are generated on the main thread)
+    fetch: bool = False  # a job's first stage, fetching its scenario (else one answer, or one batch's answer)
     job: dict | None = None
     posted: bool = False  # set under RunState.lock: once an answer is posted, the run waits for its outcome
     future: Future | None = None
