@@ -729,14 +729,15 @@ def template_from_tokenizer(name: str, system_prompt: str) -> ChatTemplate:
     return ChatTemplate(prompt, end, system_prompt)
 
 
-def make_row(layout: str, template: ChatTemplate, user: str, answer: str) -> dict:
-    """One training example in the chosen layout."""
+def make_row(layout: str, template: ChatTemplate, user: str, answer: str, end: str | None = None) -> dict:
+    """One training example in the chosen layout; `end` "" leaves the assistant turn open (--open-unfinished)."""
+    end = template.end if end is None else end
     if layout == "messages":
         system_turn = [{"role": "system", "content": template.system}] if template.system else []
         return {"messages": [*system_turn, {"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
     if layout == "prompt-completion":
-        return {"prompt": template.render(user), "completion": answer + template.end}
-    return {"text": template.render(user) + answer + template.end}
+        return {"prompt": template.render(user), "completion": answer + end}
+    return {"text": template.render(user) + answer + end}
 
 
 # --- output ------------------------------------------------------------------------------------------
@@ -873,28 +874,33 @@ def example_rows(rows, args, template, user_for, stats: Stats, counts: Counter):
     for eid, sid, raw, harm, alignment, weighted, difficulty in rows:  # selection_sql()'s columns
         if args.limit is not None and counts["written"] >= args.limit:
             break
-        answer = final_answer(raw, args, counts)
+        answer, end = final_answer(raw, args, counts, template.end)
         if answer is None:
             continue
         meta = (harm, alignment, round(weighted, 4), difficulty, sid, eid)
         stats.add(harm, weighted, alignment, difficulty)
         counts["written"] += 1
-        example = make_row(args.layout, template, user_for(sid), answer)
+        example = make_row(args.layout, template, user_for(sid), answer, end)
         yield example, (*meta, "experience") if args.include_gold else meta
 
 
-def final_answer(raw: str, args, counts: Counter) -> str | None:
-    """The answer as written (cleaned, trimmed as asked), or None when cleanup left nothing; counts what it did."""
+def final_answer(raw: str, args, counts: Counter, end: str) -> tuple[str | None, str]:
+    """(the answer as written, cleaned and trimmed as asked, or None when cleanup left nothing; what ends its turn:
+    `end`, or "" for an answer cut by a generation limit under --open-unfinished). Counts what it did."""
     answer = clean_response(raw) if args.clean else raw
     if not answer.strip():
         counts["dropped_empty_after_cleanup"] += 1
-        return None
-    if args.trim_unfinished and trim_unfinished(answer) != answer.rstrip():
+        return None, end
+    unfinished = trim_unfinished(answer) != answer.rstrip()
+    if args.trim_unfinished and unfinished:
         answer = trim_unfinished(answer)
         counts["trimmed_unfinished"] += 1
     if len(answer) != len(raw) and answer != raw.strip():
         counts["cleaned"] += 1
-    return answer
+    if args.open_unfinished and unfinished:
+        counts["open_unfinished"] += 1
+        return answer, ""
+    return answer, end
 
 
 def csv_text_lines(rows, args, template: ChatTemplate, user_for, stats: Stats, counts: Counter):
@@ -903,20 +909,22 @@ def csv_text_lines(rows, args, template: ChatTemplate, user_for, stats: Stats, c
     million-row run). `rows` yields lists of plain tuples in selection_sql()'s column order."""
     prompts = PromptFields(template, user_for)
     source = ",experience" if args.include_gold else ""
-    end, end_escaped = template.end, template.end.replace('"', '""')
+    ends = {e: (e.replace('"', '""'), needs_quotes(e)) for e in ("", template.end)}  # "": --open-unfinished
     for batch in rows:
         lines, kept = [], []
         for row in batch:
             eid, sid, raw, harm, alignment, weighted, difficulty = row
             if args.limit is not None and counts["written"] >= args.limit:
                 break
-            answer = final_answer(raw, args, counts)
+            answer, end = final_answer(raw, args, counts, template.end)
             if answer is None:
                 continue
             # str() of each value, as csv_field() writes it; none needs quotes (numbers, one of the alignment words)
             meta = f",{harm},{alignment},{round(weighted, 4)},{difficulty},{sid},{eid}{source}\r\n"
             prompt, escaped, quoted = prompts[sid]
-            if quoted or needs_quotes(answer):  # quoting the whole text is quoting each part: '"' is one character
+            end_escaped, end_quoted = ends[end]
+            # quoting the whole text is quoting each part: '"' is one character
+            if quoted or end_quoted or needs_quotes(answer):
                 lines.append('"' + escaped + answer.replace('"', '""') + end_escaped + '"' + meta)
             else:
                 lines.append(f"{prompt}{answer}{end}{meta}")
@@ -934,7 +942,7 @@ def needs_quotes(text: str) -> bool:
 
 
 class PromptFields(dict):
-    """scenario id -> (its rendered prompt, the same with '"' doubled, whether prompt + template.end need quotes)."""
+    """scenario id -> (its rendered prompt, the same with '"' doubled, whether the prompt needs quotes)."""
 
     def __init__(self, template: ChatTemplate, user_for):
         super().__init__()
@@ -942,8 +950,7 @@ class PromptFields(dict):
 
     def __missing__(self, scenario_id):
         prompt = self.template.render(self.user_for(scenario_id))
-        quoted = needs_quotes(prompt) or needs_quotes(self.template.end)
-        self[scenario_id] = value = (prompt, prompt.replace('"', '""'), quoted)
+        self[scenario_id] = value = (prompt, prompt.replace('"', '""'), needs_quotes(prompt))
         return value
 
 
@@ -1045,6 +1052,11 @@ def report(stats: Stats, funnel: Counter, counts: Counter, args) -> list[str]:
         )
     if args.trim_unfinished:
         lines.append(f"Trimmed: {counts['trimmed_unfinished']} unfinished answers cut back to their last full sentence")
+    if args.open_unfinished:
+        lines.append(
+            f"Open: {counts['open_unfinished']} unfinished answers written without an end-of-turn marker "
+            "(train_local.py trains on their text, not on stopping there)"
+        )
     if counts["dpo_pairs"] or args.dpo_output:
         lines.append(f"DPO pairs: {counts['dpo_pairs']} written to {args.dpo_output}")
     return lines
@@ -1092,6 +1104,7 @@ def sidecar(args, template: ChatTemplate, funnel: Counter, counts: Counter, conn
                 "best_per_scenario",
                 "dedup",
                 "trim_unfinished",
+                "open_unfinished",
                 "clean",
                 "include_gold",
                 "heldout_fraction",
@@ -1237,6 +1250,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="cut answers that stop mid-sentence (a generation limit) back to their last full sentence",
     )
     sel.add_argument(
+        "--open-unfinished",
+        action="store_true",
+        help="write answers that stop mid-sentence (a generation limit) without the end-of-turn marker, so "
+        "train_local.py learns their text but not to stop there (alone or with --trim-unfinished; text and "
+        "prompt-completion layouts)",
+    )
+    sel.add_argument(
         "--dedup",
         action="store_true",
         help="drop answers that repeat another answer to the same scenario (ignoring case, spacing, punctuation)",
@@ -1276,6 +1296,8 @@ def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject impossible flag combinations, and any output that is an input or another output, before any work."""
     if args.format == "auto" and not args.tokenizer:
         p.error("--format auto needs --tokenizer NAME_OR_PATH")
+    if args.open_unfinished and args.layout == "messages":
+        p.error("--open-unfinished needs --layout text or prompt-completion (a messages row always closes its turns)")
     if args.output_format == "csv" and args.layout != "text":
         p.error(f"--layout {args.layout} needs --output-format jsonl (CSV holds only the text layout)")
     if args.min_difficulty and args.max_difficulty and args.min_difficulty > args.max_difficulty:

@@ -350,10 +350,33 @@ def to_training_rows(data, sidecar: dict | None, train_on_prompt: bool, bos: str
                 "use --train-on-prompt to train on whole texts"
             )
         rows = data.map(lambda r: tidy(*split_text(r["text"], sidecar)), remove_columns=data.column_names)
+    end = ((sidecar or {}).get("response_end") or "").strip()
+    open_end = [bool(end) and not c.endswith(end) for c in rows["completion"]]
+    if any(open_end):  # the converter's --open-unfinished: answers cut by a generation limit
+        rows = rows.add_column("open_end", open_end)
     if train_on_prompt:
         rows = rows.map(lambda r: {"text": r["prompt"] + r["completion"]}, remove_columns=["prompt", "completion"])
         return rows, "text (loss on every token)"
     return rows, "prompt-completion (loss on the answer only)"
+
+
+def untrain_open_stops(trainer, eos_id: int) -> int:
+    """Answers the converter left open (cut by a generation limit, --open-unfinished) teach their text but not a
+    stop: the EOS that TRL appends to each is taken out of the loss. Returns how many; 0 when there are none or
+    under --packing, which keeps only input_ids and labels."""
+    masked = 0
+    for name in ("train_dataset", "eval_dataset"):
+        data = getattr(trainer, name)
+        if data is None or "open_end" not in data.column_names:
+            continue
+
+        def unlabel_stop(row):
+            stop = row["open_end"] and row["input_ids"][-1] == eos_id
+            return {"labels": row["labels"][:-1] + [-100] if stop else row["labels"]}
+
+        setattr(trainer, name, data.map(unlabel_stop))
+        masked += sum(data["open_end"]) if name == "train_dataset" else 0
+    return masked
 
 
 def without_bos(prompt: str, bos: str | None) -> str:
@@ -2059,6 +2082,11 @@ def run(args) -> int:
     trainer = build_trainer(model, tokenizer, data, evaluation, args, device, precision, [stop], extra)
     if len(trainer.train_dataset) == 0:
         raise CliError(f"no example keeps any of its answer within --max-length {args.max_length}; raise --max-length")
+    notes["open_answers"] = untrain_open_stops(trainer, tokenizer.eos_token_id)
+    if notes["open_answers"]:
+        log(f"{notes['open_answers']} answers cut by a generation limit: trained on their text, not on stopping there")
+    elif "open_end" in data.column_names:
+        log("--packing: the answers cut by a generation limit are trained on stopping there too")
     if args.dry_run:
         if trainer.is_world_process_zero():
             print(json.dumps(dry_run_report(trainer, tokenizer, layout, args.method), ensure_ascii=False, default=str))

@@ -21,6 +21,7 @@ readonly SETTINGS=(
   "MIN_ALIGNMENT|good|converter: low, moderate, good or excellent (and above)"
   "BEST_PER_SCENARIO||converter: of the answers that pass, keep only each scenario's N best; empty = all"
   "TRIM_UNFINISHED|0|converter: 1 = cut answers stopped by MAX_NEW_TOKENS back to their last full sentence"
+  "OPEN_UNFINISHED|0|converter: 1 = cut answers stopped by MAX_NEW_TOKENS are trained on their text, not on stopping there"
   "INCLUDE_GOLD|0|converter: 1 = also train on each training scenario's reference answer (expected_response)"
   "FORMAT|mistral|chat format: tinyllama, mistral, llama3, chatml or auto (chatml with the offline default model)"
   "OUTPUT_DIR|./pipeline-output|where iter-N/ folders, logs and the summary go"
@@ -157,7 +158,7 @@ validate() {
     || die "SEED=${SEED}: an integer from 0 to 4294967295"
   [[ -z "${BEST_PER_SCENARIO}" || "${BEST_PER_SCENARIO}" =~ ^[1-9][0-9]{0,8}$ ]] \
     || die "BEST_PER_SCENARIO=${BEST_PER_SCENARIO}: a positive integer, or empty for all"
-  for name in SKIP_COLLECT SKIP_TRAIN SKIP_EVAL USE_4BIT TRIM_UNFINISHED INCLUDE_GOLD STOP_WHEN_WORSE; do
+  for name in SKIP_COLLECT SKIP_TRAIN SKIP_EVAL USE_4BIT TRIM_UNFINISHED OPEN_UNFINISHED INCLUDE_GOLD STOP_WHEN_WORSE; do
     [[ "${!name}" =~ ^[01]$ ]] || die "${name}=${!name}: use 0 or 1"
   done
   [[ "${MAX_HARM}" =~ ^(0(\.[0-9]+)?|1(\.0+)?)$ ]] || die "MAX_HARM=${MAX_HARM}: a number from 0 to 1"
@@ -376,6 +377,7 @@ convert() {
   if [[ -n "${BEST_PER_SCENARIO}" ]]; then args+=(--best-per-scenario "${BEST_PER_SCENARIO}"); fi
   if [[ -n "${EVAL_SUITE}" ]]; then args+=(--heldout-suite "${EVAL_SUITE}"); fi
   if [[ "${TRIM_UNFINISHED}" == 1 ]]; then args+=(--trim-unfinished); fi
+  if [[ "${OPEN_UNFINISHED}" == 1 ]]; then args+=(--open-unfinished); fi
   if [[ "${INCLUDE_GOLD}" == 1 ]]; then args+=(--include-gold); fi
   log "convert: ${PYTHON} saige_to_sft.py ${args[*]}"
   local status=0

@@ -466,3 +466,35 @@ def test_trim_unfinished_cuts_back_to_the_last_full_sentence(db_path, tmp_path, 
     assert result.returncode == 0, result.stderr
     assert json.loads(out.read_text())["completion"] == kept + "<|im_end|>\n"
     assert f"Trimmed: {int(kept != answer)} unfinished answers" in result.stderr
+
+
+@pytest.mark.parametrize("trim", [True, False])
+def test_open_unfinished_leaves_only_cut_answers_without_their_end(db_path, tmp_path, trim):
+    conn = sqlite3.connect(db_path)
+    with conn:
+        sid = saige_db.add_scenario(conn, "I took my pill twice.")
+        saige_db.add_experience(conn, sid, "Please call your pharmacist now. They can tell you whether", 0.0, scores(9))
+        saige_db.add_experience(conn, sid, "Please call your pharmacist now.", 0.0, scores(8))
+    conn.close()
+    flags = ["--format", "chatml", "--open-unfinished", *(["--trim-unfinished"] if trim else [])]
+    texts = {}
+    for fmt in ("csv", "jsonl"):
+        out = tmp_path / f"out.{fmt}"
+        result = run(SCRIPT, "--db", db_path, "-o", out, "--output-format", fmt, *flags)
+        assert result.returncode == 0, result.stderr
+        assert "Open: 1 unfinished answers written without an end-of-turn marker" in result.stderr
+        rows = csv.DictReader(out.open(newline="")) if fmt == "csv" else map(json.loads, out.open())
+        texts[fmt] = [r["text"] for r in rows]
+        assert json.loads((tmp_path / f"out.{fmt}.meta.json").read_text())["filters"]["open_unfinished"] is True
+    assert texts["csv"] == texts["jsonl"]  # the CSV writer's fast path renders open answers alike
+    cut = "Please call your pharmacist now." + ("" if trim else " They can tell you whether")
+    opened, closed = sorted(texts["csv"], key=lambda t: t.endswith("<|im_end|>\n"))
+    assert opened.endswith("assistant\n" + cut)  # no <|im_end|>: the turn stays open
+    assert closed.endswith("assistant\nPlease call your pharmacist now.<|im_end|>\n")
+
+
+def test_open_unfinished_is_refused_for_the_messages_layout(db_path, tmp_path):
+    result = run(SCRIPT, "--db", db_path, "-o", tmp_path / "o.jsonl", "--output-format", "jsonl",
+                 "--layout", "messages", "--open-unfinished")  # fmt: skip
+    assert result.returncode == 2 and "--open-unfinished needs --layout text or prompt-completion" in result.stderr
+    assert not (tmp_path / "o.jsonl").exists()

@@ -125,6 +125,27 @@ def test_jsonl_layouts_are_masked_too(saige_data, tiny_model, tmp_path, layout_a
     assert "<|im_end|>" in trained[-14:] and "<|im_start|>" not in trained
 
 
+@pytest.mark.parametrize("fmt", ["chatml", "llama3"])
+def test_an_answer_cut_by_the_generation_limit_teaches_its_text_but_not_a_stop(tmp_path, tiny_model, fmt):
+    db = tmp_path / "saige.db"
+    conn = saige_db.create(db)
+    with conn:
+        sid = saige_db.add_scenario(conn, "I feel dizzy after my new pills.")
+        cut = "Please sit down and rest. Call your pharmacist today and ask whether the new pills can cause"
+        saige_db.add_experience(conn, sid, cut, 0.1, dict.fromkeys(saige_db.WEIGHTS, 8.0))
+    conn.close()
+    closed = convert(db, tmp_path / "closed.csv", "--format", fmt, "--trim-unfinished")
+    opened = convert(db, tmp_path / "open.csv", "--format", fmt, "--trim-unfinished", "--open-unfinished")
+    for data, stops in ((closed, True), (opened, False)):
+        tokens = dry_run(data, tiny_model, tmp_path / "out", "--eval-split", "0")
+        trained = "".join(t["token"] for t in tokens if t["trained"])
+        assert trained.startswith("Please sit down and rest.")
+        assert trained.endswith("Call your pharmacist today") is False  # trimmed back to the last full sentence
+        assert trained.endswith("</s>") is stops, trained  # the tiny tokenizer's EOS: learned only when closed
+        assert (ANSWER_END[fmt] in trained) is stops
+        assert tokens[-1]["token"] == "</s>"  # the open answer still ends in EOS, only out of the loss
+
+
 def test_train_on_prompt_trains_every_token(saige_data, tiny_model, tmp_path):
     data = convert(saige_data, tmp_path / "train.csv", "--format", "chatml", "--limit", "1")
     tokens = dry_run(data, tiny_model, tmp_path / "out", "--train-on-prompt", "--eval-split", "0")
