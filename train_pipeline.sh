@@ -29,6 +29,9 @@ readonly SETTINGS=(
   "BACKEND||collector backend: ollama, openai, transformers or echo; empty = transformers with MODEL"
   "OLLAMA_MODEL||BACKEND=ollama: the Ollama tag that answers in iteration 1 (MODEL is the same model for training: hub id, folder or .gguf); each tuned model is then registered with Ollama and answers the next iteration"
   "OLLAMA_URL|http://localhost:11434|BACKEND=ollama: the Ollama server"
+  "API_BASE|http://localhost:8000/v1|BACKEND=openai: the OpenAI-compatible server (vLLM, llama.cpp, LM Studio) that answers; with SERVER=llama.cpp, the one the pipeline starts"
+  "SERVER||BACKEND=openai: llama.cpp = start llama-cpp-python's OpenAI-compatible server on 127.0.0.1:LLAMACPP_PORT with MODEL (a .gguf) for iteration 1, and with MODEL plus the tuned adapter.gguf for each next one; stopped on exit, failure or Ctrl-C; empty = use the server at API_BASE as it is"
+  "LLAMACPP_PORT|8090|SERVER=llama.cpp: the loopback port of the server the pipeline starts"
   "OLLAMA_NAME|saige-tuned|BACKEND=ollama: name the tuned models are registered under, tagged iter-N"
   "SAMPLES_PER_SCENARIO|4|answers per scenario (best-of-K: all are scored, the converter keeps the good ones)"
   "CONCURRENCY|4|collector: episodes scored in parallel"
@@ -64,6 +67,7 @@ readonly SETTINGS=(
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 readonly SCRIPT_DIR
 WORKER_PID=""
+LLAMACPP_PID=""
 TMP_DIR=""
 
 log() { printf '[pipeline %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -139,6 +143,7 @@ validate() {
     [[ "${judge}" =~ ^https?://[^/]+ ]] || die "JUDGES: ${judge} is not an http:// or https:// URL of a SAIGE worker"
   done
   local name
+  if [[ -n "${SERVER}" ]]; then check_server; fi
   EVAL_MAX_NEW_TOKENS="${EVAL_MAX_NEW_TOKENS:-${MAX_NEW_TOKENS}}"
   for name in TRAINING_EPISODES SAMPLES_PER_SCENARIO CONCURRENCY ITERATIONS BATCH_SIZE LORA_RANK MAX_NEW_TOKENS \
     EVAL_MAX_NEW_TOKENS EVAL_SAMPLES; do
@@ -286,6 +291,7 @@ except Exception as e:
 }
 
 cleanup() {
+  stop_llamacpp
   if [[ -n "${WORKER_PID}" ]] && kill -0 "${WORKER_PID}" 2>/dev/null; then
     kill -TERM "${WORKER_PID}" 2>/dev/null || true
     wait "${WORKER_PID}" 2>/dev/null || true
@@ -315,6 +321,54 @@ start_worker() {
     ((waited++ < 300)) || die "the local worker did not start within 30 s; see ${OUTPUT_DIR}/worker.log"
     sleep 0.1
   done
+}
+
+# check_server: SERVER=llama.cpp can run here (before any collection): the openai backend, a GGUF base, the
+# llama-cpp-python server installed, a free port
+check_server() {
+  [[ "${SERVER}" == llama.cpp ]] || die "SERVER=${SERVER}: use llama.cpp, or leave it empty for the server at API_BASE"
+  [[ "${BACKEND}" == openai ]] || die "SERVER=llama.cpp needs BACKEND=openai (the collector asks the server it starts)"
+  [[ -z "${MODEL}" || "${MODEL}" == *.gguf ]] \
+    || die "SERVER=llama.cpp serves a GGUF file: MODEL=${MODEL} is not a .gguf (empty = the offline SmolLM2 GGUF)"
+  [[ "${LLAMACPP_PORT}" =~ ^[1-9][0-9]{0,4}$ ]] && ((LLAMACPP_PORT <= 65535)) \
+    || die "LLAMACPP_PORT=${LLAMACPP_PORT}: a port number from 1 to 65535"
+  "${PYTHON}" -c 'import llama_cpp.server.app' 2>/dev/null \
+    || die "SERVER=llama.cpp needs llama-cpp-python's server: ${PYTHON} -m pip install -r requirements-llamacpp.txt" \
+      "(builds llama.cpp from source: minutes)"
+  if port_answers; then
+    die "LLAMACPP_PORT=${LLAMACPP_PORT}: something already listens on 127.0.0.1:${LLAMACPP_PORT}; choose another port"
+  fi
+}
+
+port_answers() { (: <"/dev/tcp/127.0.0.1/${LLAMACPP_PORT}") 2>/dev/null; }
+
+# start_llamacpp ADAPTER NAME: llama-cpp-python's OpenAI-compatible server on loopback, serving MODEL (plus the
+# tuned adapter.gguf when given) as NAME, in place of the one running; cleanup() stops it like the local worker
+start_llamacpp() {
+  stop_llamacpp
+  local args=(-m llama_cpp.server --model "${MODEL}" --model_alias "$2" --host 127.0.0.1 --port "${LLAMACPP_PORT}"
+    --n_ctx 2048 --n_threads "$(nproc)")
+  if [[ -n "$1" ]]; then args+=(--lora_path "$1"); fi
+  log "llama.cpp: ${PYTHON} ${args[*]}"
+  "${PYTHON}" "${args[@]}" >>"${OUTPUT_DIR}/llamacpp.log" 2>&1 &
+  LLAMACPP_PID=$!
+  local waited=0
+  until port_answers; do
+    kill -0 "${LLAMACPP_PID}" 2>/dev/null || die "the llama.cpp server did not start; see ${OUTPUT_DIR}/llamacpp.log"
+    ((waited++ < 1200)) || die "the llama.cpp server did not start within 120 s; see ${OUTPUT_DIR}/llamacpp.log"
+    sleep 0.1
+  done
+  API_BASE="http://127.0.0.1:${LLAMACPP_PORT}/v1"
+  SERVED_MODEL="$2"
+}
+
+stop_llamacpp() {
+  if [[ -n "${LLAMACPP_PID}" ]] && kill -0 "${LLAMACPP_PID}" 2>/dev/null; then
+    kill -TERM "${LLAMACPP_PID}" 2>/dev/null || true
+    wait "${LLAMACPP_PID}" 2>/dev/null || true
+    log "stopped the llama.cpp server (pid ${LLAMACPP_PID})"
+  fi
+  LLAMACPP_PID=""
 }
 
 # choose_split: which scenarios are never trained on. A worker that lists a held-out split of its own (the local
@@ -357,15 +411,20 @@ run_step() {
 
 collect() {
   local dir="$1" adapter="$2"
+  if [[ "${SERVER}" == llama.cpp ]]; then  # the base for iteration 1, then the last tuned adapter
+    start_llamacpp "${adapter:+${adapter}/adapter.gguf}" "saige-$(basename "${dir}")"
+  fi
   local args=(--heldout-fraction "${SPLIT_FRACTION}" --worker-url "${WORKER_URL}" --episodes "${TRAINING_EPISODES}" --difficulty "${DIFFICULTY}"
     --db "${DB_PATH}" --backend "${BACKEND}" --model "${SERVED_MODEL:-${MODEL}}" --samples-per-scenario "${SAMPLES_PER_SCENARIO}"
     --concurrency "${CONCURRENCY}" --temperature "${TEMPERATURE}" --max-new-tokens "${MAX_NEW_TOKENS}"
     --scenarios cover --output-jsonl "${dir}/episodes.jsonl" --resume --quiet)
   if [[ -n "${adapter}" && "${BACKEND}" == transformers ]]; then args+=(--adapter "${adapter}"); fi
   if [[ "${BACKEND}" == ollama ]]; then args+=(--ollama-url "${OLLAMA_URL}"); fi
+  if [[ "${BACKEND}" == openai ]]; then args+=(--api-base "${API_BASE}"); fi
   if [[ -n "${EVAL_SUITE}" ]]; then args+=(--heldout-suite "${EVAL_SUITE}"); fi
   if [[ -n "${SEED}" ]]; then args+=(--seed "${SEED}"); fi
   run_step collect "${dir}/collect.log" "${PYTHON}" "${SCRIPT_DIR}/collect_experiences.py" "${args[@]}"
+  stop_llamacpp  # its memory is the trainer's now
 }
 
 convert() {
@@ -402,6 +461,7 @@ train() {
     grpo) args+=(--worker-url "${WORKER_URL}" --max-completion-length "${MAX_NEW_TOKENS}") ;;
   esac
   if [[ "${USE_4BIT}" == 1 ]]; then args+=(--use-4bit); fi
+  if [[ "${SERVER}" == llama.cpp ]]; then args+=(--export gguf); fi  # what the next iteration's server loads
   if [[ "${BACKEND}" == ollama ]]; then  # what register_ollama sends to Ollama: adapter.gguf and a Modelfile
     args+=(--export ollama)
     if [[ "${MODEL}" != *.gguf ]]; then args+=(--ollama-base "${OLLAMA_MODEL}"); fi

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import ROOT, run
+from test_pipeline import SCRIPT, free_port
 from test_trainer import convert, saige_data  # noqa: F401 - saige_data is a fixture used below
 
 pytestmark = [
@@ -208,3 +215,67 @@ def test_llamacpp_serves_the_exported_adapter_as_peft_does(saige_data, tmp_path)
     assert any(x != y for x, y in zip(b, c)), report
     # and its scale is applied: at 0 it is the base, token for token and logit for logit
     assert d == c and max(figures["max |logit c - d|"]) == 0.0, report
+
+
+# --- the pipeline's SERVER=llama.cpp: the loop closed where the user serves the model --------------------------
+def loop_settings(tmp_path: Path, port: int, **extra: str) -> dict:
+    recipe = tmp_path / "fast.yaml"
+    recipe.write_text("max-steps: 2\nmax-length: 256\neval-split: 0\n")
+    return {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "DB_PATH": str(tmp_path / "saige.db"),
+        "OUTPUT_DIR": str(tmp_path / "out"),
+        "WORKER_URL": f"http://127.0.0.1:{free_port()}",
+        "BACKEND": "openai",
+        "SERVER": "llama.cpp",
+        "LLAMACPP_PORT": str(port),
+        "TRAINING_EPISODES": "6",
+        "SAMPLES_PER_SCENARIO": "2",
+        "MAX_NEW_TOKENS": "24",
+        "MAX_HARM": "1",
+        "MIN_BUDDHIST": "0",
+        "MIN_ALIGNMENT": "low",
+        "TRAIN_CONFIG": str(recipe),
+        "SKIP_EVAL": "1",
+        **extra,
+    }
+
+
+def serving(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_the_pipeline_serves_each_tuned_adapter_with_llamacpp_for_the_next_iteration(tmp_path):
+    port = free_port()
+    env = loop_settings(tmp_path, port, ITERATIONS="2")
+    result = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    for i in (1, 2):  # each iteration is answered by the server the pipeline started for it
+        episodes = [json.loads(line) for line in (out / f"iter-{i}" / "episodes.jsonl").read_text().splitlines()]
+        assert episodes and {e["model"] for e in episodes} == {f"saige-iter-{i}"}
+        assert all(e["response"] for e in episodes)
+        assert (out / f"iter-{i}" / "adapter" / "adapter.gguf").is_file()
+    starts = [line for line in result.stderr.splitlines() if "llama.cpp: " in line]
+    assert len(starts) == 2 and "--lora_path" not in starts[0]  # the base answers iteration 1
+    assert f"--lora_path {out}/iter-1/adapter/adapter.gguf" in starts[1]  # the tuned model answers iteration 2
+    assert result.stderr.count("stopped the llama.cpp server") == 2
+    assert not serving(port)
+
+
+def test_ctrl_c_stops_the_llamacpp_server_too(tmp_path):
+    port = free_port()
+    env = loop_settings(tmp_path, port, TRAINING_EPISODES="400", MAX_NEW_TOKENS="96")
+    proc = subprocess.Popen(["bash", str(SCRIPT)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 180
+    while not serving(port):
+        assert time.monotonic() < deadline and proc.poll() is None, "the llama.cpp server never started"
+        time.sleep(0.2)
+    time.sleep(3)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert not serving(port)

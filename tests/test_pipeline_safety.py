@@ -47,6 +47,14 @@ BAD = [
     ("train-config-missing", {"TRAIN_CONFIG": "{tmp}/none.yaml"}, r"none\.yaml: not a usable recipe: cannot read"),
     ("train-config-typo", {"TRAIN_CONFIG": "{tmp}/typo.yaml"}, r"recipe: unrecognized arguments: --epoch \(not a"),
     ("out-under-a-file", {"OUTPUT_DIR": "{db}/out"}, r"cannot be made: .*saige\.db is a file"),
+    ("server-unknown", {"BACKEND": "openai", "SERVER": "vllm"}, r"SERVER=vllm: use llama\.cpp, or leave it empty"),
+    ("server-needs-openai", {"SERVER": "llama.cpp"}, r"SERVER=llama\.cpp needs BACKEND=openai"),
+    ("server-needs-gguf", {"BACKEND": "openai", "SERVER": "llama.cpp"}, r"MODEL=.*model is not a \.gguf"),
+    (
+        "server-port",
+        {"BACKEND": "openai", "SERVER": "llama.cpp", "MODEL": "{tmp}/m.gguf", "LLAMACPP_PORT": "70000"},
+        r"LLAMACPP_PORT=70000: a port number from 1 to 65535",
+    ),
 ]
 
 
@@ -54,6 +62,7 @@ BAD = [
 def test_bad_settings_fail_at_once(tmp_path, extra, pattern):
     (tmp_path / "model").mkdir()
     (tmp_path / "typo.yaml").write_text("epoch: 3\n")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
     db = tmp_path / "saige.db"
     db.write_bytes(b"SQLite format 3\x00 the user's experiences")
     for relative in ("out/iter-1/saige.db", "out/summary.txt"):
