@@ -681,6 +681,10 @@ main() {
   resolve_model
   SERVED_MODEL=""  # the model name a server backend answers with, when it is not MODEL
   if [[ "${BACKEND}" == ollama ]]; then SERVED_MODEL="${OLLAMA_MODEL}"; fi
+  if [[ "${BACKEND}" == openai && -z "${SERVER}" && "${ITERATIONS}" -gt 1 && "${SKIP_COLLECT}" == 0 ]]; then
+    log "warning: BACKEND=openai without SERVER: every iteration collects from what ${API_BASE} serves; load each" \
+      "iteration's adapter into it yourself, or set SERVER=llama.cpp to have the pipeline do it"
+  fi
   local started=${SECONDS} i adapter=""
   if [[ "${SKIP_COLLECT}" == 0 || "${SKIP_EVAL}" == 0 || "${METHOD}" == grpo ]]; then start_worker; fi
   choose_split

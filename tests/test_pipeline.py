@@ -144,6 +144,13 @@ def test_with_ollama_each_tuned_model_is_registered_and_answers_the_next_iterati
     assert "registered saige-tuned:iter-2 with Ollama" in result.stderr
 
 
+def test_an_openai_server_the_pipeline_does_not_run_gets_a_warning_for_later_iterations(tiny_model, tmp_path):
+    env = settings(tmp_path, tiny_model, BACKEND="openai", ITERATIONS="2", WORKER_URL="https://127.0.0.1:9")
+    result = pipeline(env)  # stops at the unreachable worker, after the warning
+    assert result.returncode == 1
+    assert "BACKEND=openai without SERVER: every iteration collects from what http://localhost:8000/v1" in result.stderr
+
+
 def test_ollama_backend_without_its_tag_is_refused_before_any_work(tiny_model, tmp_path):
     result = pipeline(settings(tmp_path, tiny_model, BACKEND="ollama"))
     assert result.returncode == 1 and "BACKEND=ollama needs OLLAMA_MODEL" in result.stderr
