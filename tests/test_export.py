@@ -4,12 +4,14 @@ llama.cpp itself is not run here: tests/test_llamacpp.py does (slow, with requir
 
 from __future__ import annotations
 
+import re
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run
+from conftest import ROOT, run
 from test_trainer import convert, saige_data, train  # noqa: F401 - saige_data is a fixture used below
 
 SCRIPT = "train_local.py"
@@ -279,3 +281,44 @@ def test_offline_smollm2_gguf_base(saige_data, tmp_path):  # noqa: F811
     found = modelfile(out / "ollama")
     assert found["FROM"].startswith("/") and found["FROM"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     assert Path(found["FROM"]).is_file()
+
+
+# Ollama's published templates (ollama/ollama, template/*.gotmpl, read 2026-12-03), the branch a Modelfile renders
+# for one system prompt and one user message (no .Messages); zephyr.gotmpl has only the .Messages form, written out
+# here for [system, user]. Pinned, so a change on either side shows.
+OLLAMA_PUBLISHED = {
+    "chatml": "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}{{ if .Prompt }}<|im_start|>user\n"
+    "{{ .Prompt }}<|im_end|>\n{{ end }}<|im_start|>assistant\n{{ .Response }}<|im_end|>\n",
+    "llama3": "{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
+    "{{ if .Prompt }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Prompt }}<|eot_id|>{{ end }}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n{{ .Response }}<|eot_id|>",
+    "tinyllama": "<|system|>\n{{ .System }}</s>\n<|user|>\n{{ .Prompt }}</s>\n<|assistant|>\n",
+    "mistral": "[INST] {{ if .System }}{{ .System }} {{ end }}{{ .Prompt }}[/INST] {{ .Response }}</s>",
+}
+BOS = {"chatml": None, "llama3": "<|begin_of_text|>", "tinyllama": None, "mistral": "<s>"}  # what Ollama adds
+
+
+def render_go(template: str, system: str, prompt: str) -> str:
+    """The prompt (up to the answer) a simple Ollama template renders: {{ if .X }}...{{ end }} and {{ .X }}."""
+    values = {"System": system, "Prompt": prompt}
+    branch = re.compile(r"\{\{ if \.(\w+) \}\}(.*?)\{\{ end \}\}", re.S)
+    text = branch.sub(lambda m: m[2] if values[m[1]] else "", template)
+    text = text.split("{{ .Response }}")[0]
+    return text.replace("{{ .System }}", system).replace("{{ .Prompt }}", prompt)
+
+
+@pytest.mark.parametrize("fmt", sorted(OLLAMA_PUBLISHED))
+def test_the_modelfile_prompts_as_ollamas_published_template_does(fmt):
+    sys.path.insert(0, str(ROOT))
+    import saige_to_sft
+    import train_local
+
+    layout = saige_to_sft.resolve_template(fmt, None, "Be kind.")
+    sidecar = {"prompt_template": layout.prompt, "response_end": layout.end, "system_prompt": layout.system}
+    template, system, _ = train_local.ollama_template(sidecar, BOS[fmt])
+    ours = render_go(template, system or "", "Hello?")
+    published = render_go(OLLAMA_PUBLISHED[fmt], "Be kind.", "Hello?")
+    if fmt == "mistral":  # the training layout (Mistral's own chat template, tests/test_formats.py) wins over Ollama's
+        assert ours == "[INST] Be kind.\n\nHello? [/INST]" and published == "[INST] Be kind. Hello?[/INST] "
+    else:
+        assert ours == published
