@@ -1426,8 +1426,7 @@ def check_paths(parser: argparse.ArgumentParser, args) -> None:
     outputs = {"--report": args.report, "--json": json_file, "--plot": args.plot}
     clash = path_clash(outputs, {"--suite": args.suite, "--db": args.db, "--previous": args.previous})
     models = (("--model", args.model, args.base_model), ("--compare", args.compare, None))
-    if args.backend != "transformers":  # names a server serves, no file here
-        models = ()
+    models = models if args.backend == "transformers" else ()  # a server's model names are no files here
     for flag, spec, base in (*models, ("--base-model", args.base_model, None)):
         for file in model_files(spec, base) if spec else []:
             clash = clash or path_clash(outputs, {f"{flag} (a file it loads)": file})
@@ -1448,8 +1447,8 @@ def check_inputs(args) -> None:
         check_served(args, [args.model, *([args.compare] if args.compare else [])])
     else:
         check_model(args.model, "--model", args.base_model)
-    if args.compare and args.backend == "transformers":
-        check_model(args.compare, "--compare")
+        if args.compare:
+            check_model(args.compare, "--compare")
     if args.previous:
         args.previous_run = read_previous(Path(args.previous))
 
