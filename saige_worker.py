@@ -653,11 +653,9 @@ def connect(path: str) -> sqlite3.Connection:
     return conn
 
 
-def init_database(path: str, bank_path: Path) -> int:
-    """Create the schema and, when there are no scenarios yet, load the bank. Returns scenarios added.
-
-    The bank is read and checked before the database is touched, so a bad bank changes nothing."""
-    bank = None if has_scenarios(path) else load_bank(bank_path)
+def init_database(path: str, bank: list[dict] | None) -> int:
+    """Create the schema and, when there are no scenarios yet, load the bank (read and checked by load_bank()
+    before anything is touched, so a bad bank changes nothing). Returns scenarios added."""
     try:
         conn = sqlite3.connect(path, timeout=STARTUP_LOCK_WAIT_S)
     except sqlite3.Error as e:
@@ -1439,10 +1437,12 @@ def on_sigterm(*_) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     check_db_path(args.db, args.init)
+    # a bad bank is reported as such even when the port is taken (by a worker already running, say)
+    bank = load_bank(args.bank) if args.init and not has_scenarios(args.db) else None
     server = bind(args)
     try:
         if args.init:
-            added = init_database(args.db, args.bank)
+            added = init_database(args.db, bank)
             if added:
                 print(f"saige_worker.py: created {args.db} with {added} scenarios from {args.bank}", file=sys.stderr)
         check_database(args.db)

@@ -743,6 +743,19 @@ def test_init_with_missing_bank_fails(tmp_path):
     assert "scenario bank not found" in one_error_line(proc)
 
 
+def test_a_bad_bank_is_named_even_when_the_port_is_taken(tmp_path):
+    import socket
+
+    with socket.socket() as busy:  # a worker already running there, as a user's often is
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        proc = run(SCRIPT, "--db", tmp_path / "saige.db", "--init", "--bank", tmp_path / "missing.json", "--port",
+                   port, env=clean_env())  # fmt: skip
+    assert "scenario bank not found" in one_error_line(proc)
+    assert not (tmp_path / "saige.db").exists()
+
+
 def test_help_names_every_flag():
     proc = run(SCRIPT, "--help")
     assert proc.returncode == 0
