@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, run
-from test_pipeline import SCRIPT, free_port
+from test_pipeline import SCRIPT, free_port, settings
 from test_trainer import convert, saige_data  # noqa: F401 - saige_data is a fixture used below
 
 pytestmark = [
@@ -219,27 +219,12 @@ def test_llamacpp_serves_the_exported_adapter_as_peft_does(saige_data, tmp_path)
 
 # --- the pipeline's SERVER=llama.cpp: the loop closed where the user serves the model --------------------------
 def loop_settings(tmp_path: Path, port: int, **extra: str) -> dict:
+    """test_pipeline's tiny settings on the offline GGUF, collected through a llama.cpp server, two training steps."""
     recipe = tmp_path / "fast.yaml"
     recipe.write_text("max-steps: 2\nmax-length: 256\neval-split: 0\n")
-    return {
-        **os.environ,
-        "PYTHON": sys.executable,
-        "DB_PATH": str(tmp_path / "saige.db"),
-        "OUTPUT_DIR": str(tmp_path / "out"),
-        "WORKER_URL": f"http://127.0.0.1:{free_port()}",
-        "BACKEND": "openai",
-        "SERVER": "llama.cpp",
-        "LLAMACPP_PORT": str(port),
-        "TRAINING_EPISODES": "6",
-        "SAMPLES_PER_SCENARIO": "2",
-        "MAX_NEW_TOKENS": "24",
-        "MAX_HARM": "1",
-        "MIN_BUDDHIST": "0",
-        "MIN_ALIGNMENT": "low",
-        "TRAIN_CONFIG": str(recipe),
-        "SKIP_EVAL": "1",
-        **extra,
-    }
+    loop = {"BACKEND": "openai", "SERVER": "llama.cpp", "LLAMACPP_PORT": str(port), "MAX_NEW_TOKENS": "24",
+            "TRAIN_CONFIG": str(recipe), "SKIP_EVAL": "1"}  # fmt: skip
+    return settings(tmp_path, Path(base_gguf()), **{**loop, **extra})
 
 
 def serving(port: int) -> bool:
