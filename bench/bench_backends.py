@@ -1,6 +1,7 @@
 """Benchmark the collector's generation backends on the same episodes, in one run: the transformers backend (the
-offline SmolLM2-135M-Instruct GGUF, dequantized to fp32, batched) against a llama.cpp server (llama-cpp-python's
-OpenAI-compatible server on the same Q4_1 GGUF, `--backend openai`), each against its own fresh local worker.
+offline SmolLM2-135M-Instruct GGUF, dequantized, batched, in the default precision) against a llama.cpp server
+(llama-cpp-python's OpenAI-compatible server on the same Q4_1 GGUF, `--backend openai`), each against its own fresh
+local worker.
 
 Prints new tokens and episodes per second of the collection loop for each (from the collector's --json summary:
 its elapsed time, without process start or model loading) and the ratio llama.cpp / transformers.
@@ -94,9 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         f"SmolLM2-135M-Instruct ({gguf.name}), {args.episodes} episodes, --max-new-tokens {args.max_new_tokens}, "
         f"temperature {args.temperature}, best-of-4 per scenario (load at start {os.getloadavg()[0]:.2f})"
     )
-    tf = run_backend(
-        "transformers (CPU default: batch 32, fp32)", ["--backend", "transformers", "--model", str(gguf)], common
-    )
+    tf_flags = ["--backend", "transformers", "--model", str(gguf)]
+    tf = run_backend("transformers (CPU default: batch 32, auto precision)", tf_flags, common)
     server, api = start_llamacpp(gguf, args.threads)
     try:
         flags = ["--backend", "openai", "--api-base", api, "--model", "smollm2", "--concurrency", "4"]

@@ -652,6 +652,23 @@ def test_precision_bf16_generates_and_says_so(worker, tmp_path, tiny_model):
     assert all(e["response"] for e in lines_of(log))
 
 
+def cpu_computes_bf16() -> bool:
+    """This CPU's own answer (torch's flags), so the test expects what `--precision auto` should pick here."""
+    import torch
+
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def test_precision_auto_is_bf16_where_the_cpu_computes_it(worker, tiny_model):
+    model_dir, _ = tiny_model
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = run("collect_experiences.py", "--worker-url", worker.url, "--backend", "transformers", "--model",
+                 model_dir, "--episodes", "2", "--max-new-tokens", "4", "--json", env=env, timeout=180)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    expected = "bf16" if cpu_computes_bf16() else "fp32"
+    assert summary_of(result)["precision"] == expected and f"on cpu ({expected})" in result.stderr
+
+
 def test_precision_is_checked_before_the_model_loads(worker, tiny_model):
     model_dir, _ = tiny_model
     echo = collect(worker.url, "--backend", "echo", "--precision", "bf16", "--episodes", "1")

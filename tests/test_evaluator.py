@@ -385,6 +385,18 @@ def test_degenerate_text_is_flagged_beside_an_improvement():
     )
 
 
+def test_precision_auto_is_bf16_where_the_cpu_computes_it(tiny_model, worker_url, tmp_path):
+    import torch
+
+    out = tmp_path / "results.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = evaluate("--model", tiny_model, "--worker-url", worker_url, "--limit", "2", "--json", out, env=env)
+    assert result.returncode == 0, result.stderr
+    flags = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    expected = "bf16" if any(getattr(torch.cpu, f, lambda: False)() for f in flags) else "fp32"
+    assert json.loads(out.read_text())["config"]["precision_used"] == expected
+
+
 def test_precision_bf16_answers_and_fp16_is_refused_on_a_cpu(tiny_model, worker_url, tmp_path):
     out = tmp_path / "results.json"
     result = evaluate("--model", tiny_model, "--worker-url", worker_url, "--limit", "3", "--precision", "bf16",
