@@ -329,6 +329,19 @@ def encode_prompts(tokenizer, texts: list[str], from_sidecar: bool):
 # --- end shared: prompt encoding ---------------------------------------------------------------------------
 
 
+# --- shared: hardware bf16 (the same in every script: edit shared_blocks/hardware_bf16.py, then `make sync`) ----------
+def hardware_bf16(torch, device: str) -> bool:
+    """Whether `device` computes bf16 in hardware; elsewhere bf16 is emulated, slower than fp32."""
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    flags = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return device == "cpu" and any(getattr(cpu, name, lambda: False)() for name in flags)
+
+
+# --- end shared: hardware bf16 ----------------------------------------------------------------------------------------
+
+
 # --- shared: generation speed (the same in every script: edit shared_blocks/generation_speed.py, then `make sync`) -
 GENERATION_PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # train_local.py's --precision names
 
@@ -341,15 +354,6 @@ def generation_precision(precision: str, device: str, fast_bf16: bool) -> str | 
     if precision != "auto":
         return None if precision == "fp16" and device == "cpu" else precision
     return "bf16" if fast_bf16 else "fp32"
-
-
-def hardware_bf16(torch, device: str) -> bool:
-    """Whether `device` computes bf16 in hardware; elsewhere bf16 is emulated, slower than fp32."""
-    if device == "cuda":
-        return torch.cuda.is_bf16_supported()
-    cpu = getattr(torch, "cpu", None)
-    flags = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return device == "cpu" and any(getattr(cpu, name, lambda: False)() for name in flags)
 
 
 CPU_BATCH_SIZE, OTHER_BATCH_SIZE = 32, 8

@@ -17,15 +17,6 @@ def generation_precision(precision: str, device: str, fast_bf16: bool) -> str | 
     return "bf16" if fast_bf16 else "fp32"
 
 
-def hardware_bf16(torch, device: str) -> bool:
-    """Whether `device` computes bf16 in hardware; elsewhere bf16 is emulated, slower than fp32."""
-    if device == "cuda":
-        return torch.cuda.is_bf16_supported()
-    cpu = getattr(torch, "cpu", None)
-    flags = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return device == "cpu" and any(getattr(cpu, name, lambda: False)() for name in flags)
-
-
 CPU_BATCH_SIZE, OTHER_BATCH_SIZE = 32, 8
 
 

@@ -14,6 +14,7 @@ EXPECTED = {  # block -> the scripts that must carry it
     "d1 dump": {"saige_to_sft.py", "test_model.py"},
     "prompt encoding": {"collect_experiences.py", "test_model.py"},
     "generation speed": {"collect_experiences.py", "test_model.py"},
+    "hardware bf16": {"collect_experiences.py", "test_model.py", "train_local.py"},
     "offline model": {"collect_experiences.py", "test_model.py", "train_local.py"},
     "system prompt": {"saige_to_sft.py", "collect_experiences.py", "test_model.py", "train_local.py"},
     "contract scores": {"saige_to_sft.py", "collect_experiences.py", "saige_worker.py"},

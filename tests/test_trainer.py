@@ -214,6 +214,17 @@ def test_bf16_on_a_cpu_that_has_it(saige_data, tiny_model, tmp_path):
     assert report["final_train_loss"] == report["final_train_loss"]  # not NaN
 
 
+def test_precision_auto_is_bf16_on_a_cpu_that_computes_it(saige_data, tiny_model, tmp_path):
+    import torch
+
+    data = convert(saige_data, tmp_path / "train.csv")
+    result = train(data, tiny_model, tmp_path / "out", "--max-steps", "1", "--eval-split", "0")  # no GPU here
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "training_summary.json").read_text())
+    expected = "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "fp32"
+    assert report["precision"] == expected and report["args"]["precision"] == "auto"
+
+
 @pytest.mark.parametrize("layout", ["messages", "prompt-completion"])
 def test_jsonl_layouts_train(saige_data, tiny_model, tmp_path, layout):
     data = convert(saige_data, tmp_path / "train.jsonl", "--output-format", "jsonl", "--layout", layout)
