@@ -805,8 +805,7 @@ def device_and_precision(args) -> tuple[str, str]:
         # bf16 autocast where the CPU computes it: 1.19x the demo's tokens/s, the same held-out gain (README)
         device, auto = "cpu", "bf16" if hardware_bf16(torch, "cpu") else "fp32"
     precision = auto if args.precision == "auto" else args.precision
-    cpu_bf16 = device == "cpu" and precision == "bf16" and hardware_bf16(torch, device)
-    if device != "cuda" and precision in ("bf16", "fp16") and not cpu_bf16:
+    if device != "cuda" and precision in ("bf16", "fp16") and not (device == "cpu" and auto == precision == "bf16"):
         log(f"{precision} asked for on {device}; it needs a GPU, or bf16 a CPU with AVX-512 BF16/AMX: training in fp32")
         precision = "fp32"
     return device, precision

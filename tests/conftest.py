@@ -132,6 +132,13 @@ def tiny_model(tmp_path_factory) -> Path:
 FUZZ_EXAMPLES = int(os.environ.get("SAIGE_FUZZ_EXAMPLES", "40"))
 
 
+def cpu_computes_bf16() -> bool:
+    """This CPU's own answer (torch's flags), so a test expects what `--precision auto` should pick here."""
+    import torch
+
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def snapshot(*paths: Path) -> dict:
     """Each path's bytes (None when absent), to prove a failed run left every file as it was."""
     return {Path(p): (Path(p).read_bytes() if Path(p).is_file() else None) for p in paths}

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 import saige_db
-from conftest import ROOT, run
+from conftest import ROOT, cpu_computes_bf16, run
 from fault_worker import FaultProxy, Reply, json_reply, serve
 
 SCRIPT = "collect_experiences.py"
@@ -650,13 +650,6 @@ def test_precision_bf16_generates_and_says_so(worker, tmp_path, tiny_model):
     summary = summary_of(result)
     assert summary["precision"] == "bf16" and summary["scored"] == 3 and "(bf16)" in result.stderr
     assert all(e["response"] for e in lines_of(log))
-
-
-def cpu_computes_bf16() -> bool:
-    """This CPU's own answer (torch's flags), so the test expects what `--precision auto` should pick here."""
-    import torch
-
-    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def test_precision_auto_is_bf16_where_the_cpu_computes_it(worker, tiny_model):

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run, start_worker
+from conftest import ROOT, cpu_computes_bf16, run, start_worker
 
 sys.path.insert(0, str(ROOT))
 import saige_to_sft  # noqa: E402
@@ -386,14 +386,11 @@ def test_degenerate_text_is_flagged_beside_an_improvement():
 
 
 def test_precision_auto_is_bf16_where_the_cpu_computes_it(tiny_model, worker_url, tmp_path):
-    import torch
-
     out = tmp_path / "results.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     result = evaluate("--model", tiny_model, "--worker-url", worker_url, "--limit", "2", "--json", out, env=env)
     assert result.returncode == 0, result.stderr
-    flags = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    expected = "bf16" if any(getattr(torch.cpu, f, lambda: False)() for f in flags) else "fp32"
+    expected = "bf16" if cpu_computes_bf16() else "fp32"
     assert json.loads(out.read_text())["config"]["precision_used"] == expected
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import saige_db
-from conftest import ROOT, run
+from conftest import ROOT, cpu_computes_bf16, run
 
 SCRIPT = "train_local.py"
 
@@ -203,25 +203,21 @@ def test_cpu_memory_settings_leave_the_losses_as_they_were(saige_data, tiny_mode
 
 
 def test_bf16_on_a_cpu_that_has_it(saige_data, tiny_model, tmp_path):
-    import torch
-
     data = convert(saige_data, tmp_path / "train.csv")
     result = train(data, tiny_model, tmp_path / "out", "--max-steps", "2", "--precision", "bf16")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out" / "training_summary.json").read_text())
-    expected = "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "fp32"
+    expected = "bf16" if cpu_computes_bf16() else "fp32"
     assert report["precision"] == expected and report["final_train_loss"] is not None
     assert report["final_train_loss"] == report["final_train_loss"]  # not NaN
 
 
 def test_precision_auto_is_bf16_on_a_cpu_that_computes_it(saige_data, tiny_model, tmp_path):
-    import torch
-
     data = convert(saige_data, tmp_path / "train.csv")
     result = train(data, tiny_model, tmp_path / "out", "--max-steps", "1", "--eval-split", "0")  # no GPU here
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out" / "training_summary.json").read_text())
-    expected = "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "fp32"
+    expected = "bf16" if cpu_computes_bf16() else "fp32"
     assert report["precision"] == expected and report["args"]["precision"] == "auto"
 
 
