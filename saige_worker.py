@@ -359,9 +359,11 @@ def degeneracy(feat: dict, injection: bool) -> tuple[float, list[str]]:
 
 
 def off_topic_share(response: str, topic: set[str]) -> float:
-    """The share of the response's sentences (of four or more) that touch nothing in the scenario."""
+    """The share of the response's sentences (of four or more words) that touch nothing in the scenario, whatever
+    the answer's length: answers of under four sentences were once exempt, so two warm sentences about nothing beat
+    five and the loop learned to answer briefly rather than to answer (tests/test_scorer.py)."""
     sentences = [content_stems(s) for s in re.split(r"(?<=[.!?])\s+|\n+", response) if len(s.split()) >= 4]
-    if len(sentences) < 4:
+    if not sentences:
         return 0.0
     # one shared word is chance for a long sentence ("time", "people"); two, or one in a short one, is topic
     return sum(1 for stems in sentences if len(set(stems) & topic) < min(2, max(1, len(stems) // 6))) / len(sentences)
@@ -469,7 +471,7 @@ def read_response(scenario: dict, response: str) -> Reading:
 
     long_limit = max(2.5 * max(len(expected.split()), 25), 150)  # Right Speech is timely: past this, length costs
     curt = 0 < n <= 3 and not greeting_met
-    off_topic = off_topic_share(response, topic)
+    off_topic = 0.0 if greeting_met else off_topic_share(response, topic)  # "Hi!" shares no words with its reply
     if off_topic > 0.3:
         flags.append("off_topic_padding")
         quality *= 1 - 0.8 * (off_topic - 0.3) / 0.7  # sentences that serve nobody dilute the answer
