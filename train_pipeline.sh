@@ -38,7 +38,7 @@ readonly SETTINGS=(
   "DIFFICULTY|5|collector: highest scenario difficulty to ask for (1..5)"
   "TEMPERATURE|0.8|collector: sampling temperature"
   "MAX_NEW_TOKENS|96|collector and evaluator: tokens per answer"
-  "EVAL_MAX_NEW_TOKENS||evaluator: tokens per answer when the evaluation needs room the collection does not (reference answers longer than MAX_NEW_TOKENS); empty = MAX_NEW_TOKENS"
+  "EVAL_MAX_NEW_TOKENS||evaluator: tokens per answer when they should differ from the collection's (reference answers longer than MAX_NEW_TOKENS; the demo collects with 160 and evaluates with 96); empty = MAX_NEW_TOKENS"
   "METHOD|sft|sft (imitate the kept answers), dpo (prefer the best answer over the worst) or grpo (online RL)"
   "EPOCHS|2|train_local.py epochs"
   "LEARNING_RATE|2e-4|train_local.py learning rate"
