@@ -147,8 +147,9 @@ def test_pleasant_words_that_miss_the_question_lose_however_short():
 
 
 def test_condolences_for_good_news_misread_the_person():
-    """A fifth of the demo's tuned answers to good news began like "I'm so sorry to hear about your new kitten",
-    and scored as kind. Those words before a reference answer now cost it where the person is glad, not elsewhere."""
+    """16 of 72 base and tuned answers to glad held-out scenarios began like "I'm so sorry to hear about your new
+    kitten", and scored as kind. Those words before a reference answer now cost it where the person is glad, not
+    elsewhere."""
     sorry = "I'm so sorry to hear about that. "
     glad = [s for s in BANK if s["person_state"]["mood"] in saige_worker.GOOD_NEWS_MOODS]
     assert len(glad) >= 10
