@@ -347,6 +347,13 @@ def degeneracy(feat: dict, injection: bool) -> tuple[float, list[str]]:
     if n >= 20 and (feat["distinct2"] < 0.55 or feat["repeated_sentences"] > 0.3):
         flags.append("repetition")
         quality *= 0.35
+    elif n >= 20 and feat["distinct2"] < 0.9:
+        # graded below the cliff: a phrase said three times ("I'm here to help you") costs something too, or the
+        # loop amplifies it (tuned answers fell from 0.95 to 0.83 distinct bigrams; written answers sit near 0.98)
+        factor = 0.35 + 0.65 * (feat["distinct2"] - 0.55) / 0.35
+        if factor < 0.8:
+            flags.append("repetition")
+        quality *= factor
     listy = feat["function_ratio"] < 0.15 or feat["virtue_ratio"] > 0.3 or feat["words_per_segment"] < 2.2
     if (n >= 6 and listy) or feat["virtue_segments"] >= 3:
         flags.append("keyword_list")
