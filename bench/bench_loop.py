@@ -76,6 +76,11 @@ def row(label: str, result: dict) -> dict:
         "words": [round(tuned["mean_words"], 1), round(base["mean_words"], 1)],
         "distinct2": [round(tuned["distinct2"], 3), round(base["distinct2"], 3)],
         "vs_previous": previous and [round(previous["mean_difference"], 3), [round(x, 3) for x in previous["ci95"]]],
+        "other_judges": {  # the judges the loop did not train against (issue 15): chrF against the references, ...
+            name: [round(j["comparison"]["mean_difference"], 3), [round(x, 3) for x in j["comparison"]["ci95"]]]
+            for name, j in (result["eval"].get("judges") or {}).items()
+            if not j.get("trained_against") and j.get("comparison")
+        },
     }
 
 
@@ -94,6 +99,9 @@ def print_table(rows: list[dict]) -> None:
             f"{r['words'][0]:>5.0f}/{r['words'][1]:<5.0f} {r['distinct2'][0]:.2f}/{r['distinct2'][1]:.2f}"
             f" {versus(r['vs_previous']):>24}"
         )
+    for r in rows:
+        for name, judged in r["other_judges"].items():
+            print(f"{r['run']:<10} under {name}: {versus(judged)}")
     print("\nminutes per stage (the rest of each run's total is starting the worker and loading the model):")
     for r in rows:
         print(f"{r['run']:<10} " + "  ".join(f"{name} {m}" for name, m in r["stage_minutes"].items()))
