@@ -667,6 +667,7 @@ def load_model(spec: str, base_model: str | None, device: str, precision: str):
         if not base or (base.endswith(".gguf") and not Path(base).is_file()):
             raise CliError(f"base model {base or '(unknown)'!r} of adapter {spec} not found; pass --base-model")
         model = PeftModel.from_pretrained(from_pretrained(AutoModelForCausalLM, base, dtype=dtype), spec)
+        model = model.merge_and_unload()  # generation at the base model's speed (unmerged: 1.15-1.2x slower on a CPU)
         tokenizer = from_pretrained(AutoTokenizer, spec if (path / "tokenizer_config.json").is_file() else base)
     elif path.suffix != ".gguf" and path.exists() and not (path / "config.json").is_file():
         raise CliError(f"{spec} is not a model: no config.json or adapter_config.json in it")
