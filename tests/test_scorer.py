@@ -164,7 +164,7 @@ def test_condolences_for_good_news_misread_the_person():
 
 def test_a_phrase_said_over_and_over_costs_below_the_repetition_cliff():
     """Tuned answers looped on phrases ("I'm here to help you, and I'm here to help you") in sentences that differ,
-    below the cliff that catches repeated sentences: distinct bigrams fell from 0.95 (base) to 0.83 and the scorer
+    below the cliff that catches repeated sentences: distinct bigrams fell from 0.92 (base) to 0.83 and the scorer
     did not notice (the looping reference scored at least as high as the clean one in 83% of scenarios)."""
     once = " I'm here to help you."
     loop = (
