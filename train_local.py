@@ -24,8 +24,9 @@ Examples:
   accelerate launch train_local.py --data train.csv      # data-parallel on every GPU of the machine
 
 TRL's names work too: --num_train_epochs (= --epochs), --per_device_train_batch_size, --lora_r, --load_in_4bit,
---max_steps ...; and any other field of the method's TRL config (SFTConfig, DPOConfig, GRPOConfig) passes through,
-on the command line or in a recipe: --save_total_limit 5, --neftune_noise_alpha 5, --weight_decay 0.01.
+--max_steps ...; and any other field of the method's TRL config (SFTConfig, DPOConfig, GRPOConfig) or of TRL's
+ModelConfig passes through, on the command line or in a recipe: --save_total_limit 5, --weight_decay 0.01,
+--use_dora, --use_rslora, --lora_modules_to_save lm_head, --attn_implementation eager.
 
 Colab: upload this file and your CSV, then
   !pip install -q transformers trl peft datasets accelerate bitsandbytes gguf && python train_local.py --data x.csv
@@ -97,7 +98,8 @@ TRL_CLASSES = {
     "grpo": ("GRPOConfig", "GRPOTrainer"),
 }
 # TRL's and transformers' names for our flags (TRL's scripts and recipes use them): either spelling works, on the
-# command line and in a --config recipe. Any other field of the method's TRL config passes through as it is.
+# command line and in a --config recipe. Any other field of the method's TRL config, or of TRL's ModelConfig (the
+# model, LoRA and quantization settings TRL's own scripts read), passes through as it is.
 TRL_NAMES = {
     "--model-name-or-path": "--model",
     "--num-train-epochs": "--epochs",
@@ -119,6 +121,9 @@ TRL_DERIVED = {
     "train_sampling_strategy": "--group-by-length",
     "completion_only_loss": "--train-on-prompt",
     "disable_tqdm": "--quiet",
+    "dtype": "--precision",
+    "use_peft": "train_local.py (always a LoRA adapter)",
+    "lora_task_type": "train_local.py (CAUSAL_LM: a chat model)",
 }
 DEFAULT_BETA = {"dpo": 0.1, "grpo": 0.04}  # TRL's DPO default; GRPO: DeepSeekMath's KL weight, a brake on hacking
 DEFAULT_WORKER_URL = "http://localhost:8787"
@@ -824,8 +829,35 @@ def hardware_bf16(torch, device: str) -> bool:
 # --- end shared: hardware bf16 ----------------------------------------------------------------------------------------
 
 
-def quantization_config(args, device: str):
-    """BitsAndBytesConfig for --use-4bit / --use-8bit (QLoRA), or None."""
+def model_config(args, model_ref: str, precision: str):
+    """TRL's ModelConfig from our flags and any of its fields passed through (args.model_fields), the one place
+    TRL's own scripts read the model, LoRA and quantization settings from (get_peft_config, get_quantization_config).
+    For QLoRA, 4-bit weights are stored in the compute dtype under FSDP, which shards only float tensors
+    (bitsandbytes' FSDP-QLoRA recipe), and doubly quantized (QLoRA's recipe)."""
+    from trl import ModelConfig
+
+    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
+    targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
+    fields = {"use_bnb_nested_quant": True, **({"bnb_4bit_quant_storage": dtype} if under_fsdp() else {})}
+    model_args = ModelConfig(
+        **{**fields, **args.model_fields},
+        model_name_or_path=model_ref,
+        dtype=dtype,
+        use_peft=True,
+        lora_r=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        load_in_4bit=args.use_4bit,
+        load_in_8bit=args.use_8bit,
+    )
+    # after __post_init__, which turns a one-name list into a string: peft reads a string as a regex that must match
+    # a module's whole dotted name, so --target-modules q_proj would match no module
+    model_args.lora_target_modules = targets
+    return model_args
+
+
+def quantization_config(args, device: str, model_args):
+    """BitsAndBytesConfig for --use-4bit / --use-8bit (QLoRA) on a CUDA GPU, or None."""
     if not (args.use_4bit or args.use_8bit):
         return None
     if device != "cuda":
@@ -837,20 +869,9 @@ def quantization_config(args, device: str):
             "this machine (e.g. --model <small model> --batch-size 8), or add --allow-cpu-fallback",
             EXIT_USAGE,
         )
-    import torch
-    from transformers import BitsAndBytesConfig
+    from trl import get_quantization_config
 
-    if args.use_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute,
-        # FSDP shards only float tensors: 4-bit weights stored in a float dtype (bitsandbytes' FSDP-QLoRA recipe)
-        **({"bnb_4bit_quant_storage": compute} if under_fsdp() else {}),
-    )
+    return get_quantization_config(model_args)
 
 
 def under_fsdp() -> bool:
@@ -887,18 +908,22 @@ def quantized_device_map(quant) -> dict | None:
     return {"": PartialState().local_process_index}
 
 
-def load_model_and_tokenizer(model_ref: str, args, device: str, precision: str):
+def load_model_and_tokenizer(model_args, args, device: str):
     """The base model (quantized for QLoRA) and its tokenizer, with a pad token that is safe to use."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    quant = quantization_config(args, device)
+    model_ref = model_args.model_name_or_path
+    quant = quantization_config(args, device, model_args)
+    revision = model_args.model_revision
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_ref, trust_remote_code=args.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_ref, revision=revision, trust_remote_code=args.trust_remote_code
+        )
         model = AutoModelForCausalLM.from_pretrained(
             model_ref,
-            dtype=dtype,
+            revision=revision,
+            dtype=model_args.dtype,
+            attn_implementation=model_args.attn_implementation,
             quantization_config=quant,
             trust_remote_code=args.trust_remote_code,
             device_map=quantized_device_map(quant),
@@ -915,19 +940,6 @@ def load_model_and_tokenizer(model_ref: str, args, device: str, precision: str):
 
 
 # --- training ----------------------------------------------------------------------------------------------
-def lora_config(args):
-    from peft import LoraConfig
-
-    targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
-    return LoraConfig(
-        r=args.lora_rank,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
-    )
-
-
 def common_config(args, device: str, precision: str, has_eval: bool) -> dict:
     """The training arguments every method shares (TRL's configs all extend transformers' TrainingArguments)."""
     by_steps = args.save_steps is not None
@@ -996,7 +1008,7 @@ def build_trainer(model, tokenizer, train, evaluation, args, device: str, precis
         train_dataset=train,
         eval_dataset=evaluation,
         processing_class=tokenizer,
-        peft_config=lora_config(args),
+        peft_config=trl.get_peft_config(args.model_args),
         callbacks=[*callbacks, ProgressBar(args.quiet)],
         **({"reward_funcs": extra} if args.method == "grpo" else {}),
     )
@@ -1203,7 +1215,7 @@ def summary(trainer, args, started: float, info: dict, device: str, precision: s
         "device": device,
         "precision": precision,
         "versions": {m.__name__: m.__version__ for m in (torch, transformers, trl, peft, datasets)},
-        "args": {k: v for k, v in vars(args).items()},
+        "args": {k: v for k, v in vars(args).items() if k != "model_args"},  # model_fields holds what was passed
     }
 
 
@@ -2067,7 +2079,8 @@ def run(args) -> int:
         args.gradient_checkpointing = device == "cpu"
     check_hub_architecture(args)
     model_ref = resolve_model(args.model)
-    model, tokenizer = load_model_and_tokenizer(model_ref, args, device, precision)
+    args.model_args = model_config(args, model_ref, precision)
+    model, tokenizer = load_model_and_tokenizer(args.model_args, args, device)
     base_config = model.config
     adds_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
     ollama_sidecar = ollama_format(args, tokenizer) if "ollama" in exports else None
@@ -2226,11 +2239,12 @@ def our_spelling(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     return spelled
 
 
-def trl_passthrough(parser: argparse.ArgumentParser, method: str, rest: list[str], where: str) -> dict:
-    """Any other field of the method's TRL config (--save_total_limit 5, --neftune_noise_alpha 5), parsed by
-    transformers' own parser for that dataclass, so each value is checked and typed as TRL's scripts do."""
+def trl_passthrough(parser: argparse.ArgumentParser, method: str, rest: list[str], where: str) -> tuple[dict, dict]:
+    """Any other field of the method's TRL config (--save_total_limit 5, --neftune_noise_alpha 5) or of TRL's
+    ModelConfig (--use_dora), parsed by transformers' own parser for those dataclasses, so each value is checked and
+    typed as TRL's scripts do: ({config field: value}, {ModelConfig field: value})."""
     if not rest:
-        return {}
+        return {}, {}
     import dataclasses
 
     import trl
@@ -2241,22 +2255,27 @@ def trl_passthrough(parser: argparse.ArgumentParser, method: str, rest: list[str
             raise ValueError(message)
 
     config_name = TRL_CLASSES[method][0]
-    config_class = getattr(trl, config_name)
-    fields = {f.name for f in dataclasses.fields(config_class)}
+    classes = (getattr(trl, config_name), trl.ModelConfig)
+    fields = {f.name for c in classes for f in dataclasses.fields(c)}
     names = [t[2:].partition("=")[0].replace("-", "_") for t in rest if t.startswith("--")]
     unknown = [f"--{n}" for n in names if n not in fields] or ([] if names else rest)
     if unknown:
-        parser.error(f"{where}unrecognized arguments: {' '.join(unknown)} (not a flag, nor a field of {config_name})")
+        parser.error(
+            f"{where}unrecognized arguments: {' '.join(unknown)} (not a flag, nor a field of {config_name} or "
+            "ModelConfig)"
+        )
     for name in names:
         if name in TRL_DERIVED:
             parser.error(f"{where}--{name}: set here by {TRL_DERIVED[name]}")
     try:
-        values, left = Refusing(config_class).parse_known_args(rest)
+        values, left = Refusing(classes).parse_known_args(rest)
     except ValueError as e:
-        parser.error(f"{where}{e} ({config_name})")
+        parser.error(f"{where}{e} ({config_name}, ModelConfig)")
     if left:
         parser.error(f"{where}unrecognized arguments: {' '.join(left)}")
-    return {name: getattr(values, name) for name in names}
+    model_fields = {f.name for f in dataclasses.fields(trl.ModelConfig)}
+    passed = {name: getattr(values, name) for name in names}
+    return tuple({n: v for n, v in passed.items() if (n in model_fields) == of_model} for of_model in (False, True))
 
 
 def recipe_value(parser: argparse.ArgumentParser, action: argparse.Action, value, where: str):
@@ -2297,16 +2316,16 @@ def check_usage(parser: argparse.ArgumentParser, args) -> None:
 
 
 def parse_arguments(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    """Flags, a --config recipe under them, and TRL fields passed through (args.trl_fields; the command line's win).
+    """Flags, a --config recipe under them, and TRL fields passed through (args.trl_fields for the method's config,
+    args.model_fields for ModelConfig; the command line's win).
     Usage errors exit 2 here, before anything heavy (the pipeline calls this to check TRAIN_CONFIG early)."""
     parser = build_parser()
     argv = our_spelling(parser, argv)
     recipe, recipe_rest = apply_recipe(parser, argv)
     args, rest = parser.parse_known_args(argv)
-    args.trl_fields = {
-        **trl_passthrough(parser, args.method, recipe_rest, f"--config {recipe}: "),
-        **trl_passthrough(parser, args.method, rest, ""),
-    }
+    from_recipe = trl_passthrough(parser, args.method, recipe_rest, f"--config {recipe}: ")
+    from_line = trl_passthrough(parser, args.method, rest, "")
+    args.trl_fields, args.model_fields = ({**a, **b} for a, b in zip(from_recipe, from_line))
     return parser, args
 
 

@@ -455,26 +455,30 @@ def test_recipe_sets_flags_and_the_command_line_wins(saige_data, tiny_model, tmp
 
 
 def test_trl_names_and_any_other_trl_field_pass_through(saige_data, tiny_model, tmp_path):
-    """TRL's spelling of our flags works, and a field we have no flag for reaches TRL's config (recipe, then the
-    command line, which wins)."""
+    """TRL's spelling of our flags works, and a field we have no flag for reaches TRL's config or its ModelConfig
+    (recipe, then the command line, which wins)."""
     torch = pytest.importorskip("torch")
     data = convert(saige_data, tmp_path / "train.csv")
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("weight_decay: 0.5\nadam_beta2: 0.99\nlora_r: 4\n")
+    recipe.write_text("weight_decay: 0.5\nadam_beta2: 0.99\nlora_r: 4\nuse_rslora: true\n")
     out = tmp_path / "out"
     result = train(data, tiny_model, out, "--config", str(recipe), "--num_train_epochs", "1", "--max_steps=2",
-                   "--weight_decay", "0.01", "--save-total-limit", "1")  # fmt: skip
+                   "--weight_decay", "0.01", "--save-total-limit", "1",
+                   "--lora_modules_to_save", "lm_head", "--target-modules", "q_proj")  # fmt: skip
     assert result.returncode == 0, result.stderr
     config = torch.load(out / "training_args.bin", weights_only=False)
     assert (config.num_train_epochs, config.max_steps, config.save_total_limit) == (1, 2, 1)
     assert (config.weight_decay, config.adam_beta2) == (0.01, 0.99)
-    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["use_rslora"] is True and adapter["modules_to_save"] == ["lm_head"]
+    assert adapter["target_modules"] == ["q_proj"]  # one module by name, not a regex that matches nothing
     used = json.loads((out / "training_summary.json").read_text())["args"]
     assert used["epochs"] == 1 and used["trl_fields"] == {
         "adam_beta2": 0.99,
         "weight_decay": 0.01,
         "save_total_limit": 1,
     }
+    assert used["model_fields"] == {"use_rslora": True, "lora_modules_to_save": ["lm_head"]}
 
 
 @pytest.mark.parametrize(
@@ -482,9 +486,10 @@ def test_trl_names_and_any_other_trl_field_pass_through(saige_data, tiny_model, 
     [
         (
             "epochs: 1\nlearning_rat: 0.1\n",
-            "unrecognized arguments: --learning_rat (not a flag, nor a field of SFTConfig)",
+            "unrecognized arguments: --learning_rat (not a flag, nor a field of SFTConfig or ModelConfig)",
         ),
         ("save_total_limit: many\n", "invalid int value: 'many'"),
+        ("dtype: float16\n", "--dtype: set here by --precision"),
         ("epochs: -1\n", "--config"),
         ("packing: maybe\n", "expected true or false"),
         ("method: sideways\n", "is not one of"),
