@@ -2256,7 +2256,8 @@ def trl_passthrough(parser: argparse.ArgumentParser, method: str, rest: list[str
 
     config_name = TRL_CLASSES[method][0]
     classes = (getattr(trl, config_name), trl.ModelConfig)
-    fields = {f.name for c in classes for f in dataclasses.fields(c)}
+    model_fields = {f.name for f in dataclasses.fields(trl.ModelConfig)}
+    fields = model_fields | {f.name for f in dataclasses.fields(classes[0])}
     names = [t[2:].partition("=")[0].replace("-", "_") for t in rest if t.startswith("--")]
     unknown = [f"--{n}" for n in names if n not in fields] or ([] if names else rest)
     if unknown:
@@ -2273,7 +2274,6 @@ def trl_passthrough(parser: argparse.ArgumentParser, method: str, rest: list[str
         parser.error(f"{where}{e} ({config_name}, ModelConfig)")
     if left:
         parser.error(f"{where}unrecognized arguments: {' '.join(left)}")
-    model_fields = {f.name for f in dataclasses.fields(trl.ModelConfig)}
     passed = {name: getattr(values, name) for name in names}
     return tuple({n: v for n, v in passed.items() if (n in model_fields) == of_model} for of_model in (False, True))
 

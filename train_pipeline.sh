@@ -704,8 +704,10 @@ main() {
     mkdir -p "${dir}"
     log "iteration ${i}/${ITERATIONS} -> ${dir}"
     : >"${dir}/stage_seconds.tsv"
-    # POOL=current: what this iteration records from here on (the worker's and the collector's clocks: UTC, ms)
-    COLLECTED_SINCE="$(date -u +%Y-%m-%dT%H:%M:%S.000Z)"
+    # POOL=current: what this iteration records from its first start on (UTC, ms, as the worker and the collector
+    # write them); kept in the folder, so a rerun that resumes the collection keeps the episodes it already has
+    [[ -s "${dir}/collect_started" ]] || date -u +%Y-%m-%dT%H:%M:%S.000Z >"${dir}/collect_started"
+    COLLECTED_SINCE="$(<"${dir}/collect_started")"
     if [[ "${SKIP_COLLECT}" == 0 ]]; then timed collect "${dir}" collect "${dir}" "${adapter}"; fi
     if [[ "${METHOD}" != grpo ]]; then timed convert "${dir}" convert "${dir}"; fi  # GRPO learns from the worker's scores
     if [[ "${SKIP_TRAIN}" == 1 ]]; then continue; fi
