@@ -206,9 +206,10 @@ def test_the_best_adapter_is_kept_and_a_worse_iteration_stops_the_loop(tmp_path)
 @pytest.mark.parametrize("method", ["dpo", "grpo"])
 def test_one_iteration_with_dpo_or_grpo(tiny_model, tmp_path, method):
     # 8 sampled answers per scenario: the tiny model's babble scores differently, so a scenario yields a pair (with 4,
-    # 2 of 18 collections had none once off-topic babble cost the same at any length; with 8, 30 of 30 had one)
+    # 2 of 18 collections had none once off-topic babble cost the same at any length; with 8, 30 of 30 had one, but
+    # one unseeded CI run of 2026-12-04 had none: seeded, the collection is the same on every run)
     env = settings(tmp_path, tiny_model, METHOD=method, SAMPLES_PER_SCENARIO="8", TRAINING_EPISODES="16", EPOCHS="1",
-                   EVAL_SAMPLES="2")  # fmt: skip
+                   EVAL_SAMPLES="2", SEED="1")  # fmt: skip
     result = pipeline(env)
     assert result.returncode == 0, result.stderr[-3000:]
     it = tmp_path / "out" / "iter-1"
