@@ -939,6 +939,18 @@ def load_model_and_tokenizer(model_args, args, device: str):
     return model, tokenizer
 
 
+def continued_adapter(model, folder: str):
+    """The base with --init-adapter's weights, trainable: TRL trains a PeftModel as it is (no new adapter)."""
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(model, folder, is_trainable=True)
+    except (ValueError, RuntimeError, KeyError) as e:  # another base's shapes or modules
+        raise CliError(f"--init-adapter {folder} does not fit --model: {str(e).splitlines()[0]}") from None
+    log(f"continuing the adapter in {folder} (its LoRA settings: r={model.peft_config['default'].r})")
+    return model
+
+
 # --- training ----------------------------------------------------------------------------------------------
 def common_config(args, device: str, precision: str, has_eval: bool) -> dict:
     """The training arguments every method shares (TRL's configs all extend transformers' TrainingArguments)."""
@@ -1008,7 +1020,7 @@ def build_trainer(model, tokenizer, train, evaluation, args, device: str, precis
         train_dataset=train,
         eval_dataset=evaluation,
         processing_class=tokenizer,
-        peft_config=trl.get_peft_config(args.model_args),
+        peft_config=None if args.init_adapter else trl.get_peft_config(args.model_args),
         callbacks=[*callbacks, ProgressBar(args.quiet)],
         **({"reward_funcs": extra} if args.method == "grpo" else {}),
     )
@@ -1629,6 +1641,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     io.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help="where the adapter goes (default: %(default)s)")
     io.add_argument("--overwrite", action="store_true", help="replace a finished adapter in --output-dir")
+    io.add_argument(
+        "--init-adapter",
+        metavar="DIR",
+        help="keep training this LoRA adapter (e.g. the previous iteration's) instead of a new one; its rank, "
+        "alpha and target modules win over the LoRA flags (default: a new adapter)",
+    )
     io.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
     lora = p.add_argument_group("LoRA / QLoRA")
     lora.add_argument("--lora-rank", type=whole(1, 1024), default=16, help="LoRA rank r (default: %(default)s)")
@@ -1856,6 +1874,8 @@ def input_paths(args) -> dict:
         inputs["--model"] = os.path.expanduser(args.model)
     if args.resume and args.resume != "latest":
         inputs["--resume"] = args.resume
+    if args.init_adapter:
+        inputs["--init-adapter"] = args.init_adapter
     return {flag: path for flag, path in inputs.items() if path}
 
 
@@ -1872,6 +1892,8 @@ def output_clash(args) -> str | None:
         )
     if os.path.exists(out) and not os.path.isdir(out):
         return f"--output-dir {out} is an existing file, not a folder; choose a folder"
+    if "--init-adapter" in inputs and same_file(out, inputs["--init-adapter"]):
+        return f"--output-dir {out} is --init-adapter: training would write over the adapter it starts from"
     for name in WRITTEN_FILES:
         for flag, path in inputs.items():
             if same_file(os.path.join(out, name), path):
@@ -1969,6 +1991,12 @@ def model_problem(name: str) -> str | None:
     return None
 
 
+def init_adapter_problem(folder: str | None) -> str | None:
+    if folder and not (Path(folder) / "adapter_config.json").is_file():
+        return f"--init-adapter {folder}: no adapter_config.json there, so not a LoRA adapter folder (train_local.py's)"
+    return None
+
+
 def resume_problem(args) -> str | None:
     if args.resume == "latest":
         if not list(Path(args.output_dir).glob("checkpoint-*")):
@@ -1981,7 +2009,7 @@ def resume_problem(args) -> str | None:
 def check_inputs(args) -> None:
     """Bad data, suite, model or checkpoint: one line (exit 1) before anything is loaded or called."""
     problem = (args.data and data_problem(Path(args.data), args.method)) or model_problem(args.model)
-    problem = problem or resume_problem(args)
+    problem = problem or resume_problem(args) or init_adapter_problem(args.init_adapter)
     if problem:
         raise CliError(problem)
     if finished_adapter(Path(args.output_dir)) and not (args.overwrite or args.resume or args.dry_run):
@@ -2082,6 +2110,8 @@ def run(args) -> int:
     args.model_args = model_config(args, model_ref, precision)
     model, tokenizer = load_model_and_tokenizer(args.model_args, args, device)
     base_config = model.config
+    if args.init_adapter:
+        model = continued_adapter(model, args.init_adapter)
     adds_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
     ollama_sidecar = ollama_format(args, tokenizer) if "ollama" in exports else None
     if ollama_sidecar is not None:  # a format the Modelfile cannot carry fails now, not after training

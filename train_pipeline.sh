@@ -46,6 +46,7 @@ readonly SETTINGS=(
   "BATCH_SIZE|8|train_local.py batch size"
   "LORA_RANK|16|train_local.py LoRA rank"
   "TRAIN_CONFIG||train_local.py --config recipe (YAML, e.g. examples/recipes/demo-sft.yaml) for any other trainer flag; the variables above win over it"
+  "START_FROM|base|trainer, from the second iteration on: base = a new adapter on the base model each iteration (ReST-EM); previous = keep training the previous iteration's adapter (train_local.py --init-adapter)"
   "TRAIN_MINUTES||stop training after this many minutes (the adapter is kept); empty = no limit"
   "SEED||collection and training seed; empty = unseeded sampling, the trainer's default seed (42)"
   "EVAL_SAMPLES|1|evaluator: answers per held-out scenario; 1 = greedy, more = sampled at EVAL_TEMPERATURE"
@@ -168,6 +169,7 @@ validate() {
     [[ "${!name}" =~ ^[01]$ ]] || die "${name}=${!name}: use 0 or 1"
   done
   [[ "${POOL}" == all || "${POOL}" == current ]] || die "POOL=${POOL}: all or current"
+  [[ "${START_FROM}" == base || "${START_FROM}" == previous ]] || die "START_FROM=${START_FROM}: base or previous"
   if [[ "${POOL}" == current && "${SKIP_COLLECT}" == 1 ]]; then
     die "POOL=current selects from this run's collection, and SKIP_COLLECT=1 collects nothing; set POOL=all"
   fi
@@ -457,8 +459,9 @@ convert() {
   fi
 }
 
+# train DIR [PREVIOUS]: PREVIOUS is the adapter the iteration before trained, continued with START_FROM=previous
 train() {
-  local dir="$1"
+  local dir="$1" previous="${2:-}"
   local args=(--method "${METHOD}" --model "${MODEL}" --output-dir "${dir}/adapter" --epochs "${EPOCHS}"
     --learning-rate "${LEARNING_RATE}" --batch-size "${BATCH_SIZE}" --lora-rank "${LORA_RANK}" --overwrite -q)
   case "${METHOD}" in
@@ -475,6 +478,7 @@ train() {
   if [[ -n "${TRAIN_CONFIG}" ]]; then args+=(--config "${TRAIN_CONFIG}"); fi
   if [[ -n "${TRAIN_MINUTES}" ]]; then args+=(--max-minutes "${TRAIN_MINUTES}"); fi
   if [[ -n "${SEED}" ]]; then args+=(--seed "${SEED}"); fi
+  if [[ "${START_FROM}" == previous && -n "${previous}" ]]; then args+=(--init-adapter "${previous}"); fi
   local launcher=("${PYTHON}")
   if [[ -n "${LAUNCHER}" ]]; then read -r -a launcher <<<"${LAUNCHER}"; fi  # e.g. accelerate launch --num_processes 4
   run_step train "${dir}/train.log" "${launcher[@]}" "${SCRIPT_DIR}/train_local.py" "${args[@]}"
@@ -711,7 +715,7 @@ main() {
     if [[ "${SKIP_COLLECT}" == 0 ]]; then timed collect "${dir}" collect "${dir}" "${adapter}"; fi
     if [[ "${METHOD}" != grpo ]]; then timed convert "${dir}" convert "${dir}"; fi  # GRPO learns from the worker's scores
     if [[ "${SKIP_TRAIN}" == 1 ]]; then continue; fi
-    timed train "${dir}" train "${dir}"
+    timed train "${dir}" train "${dir}" "${adapter}"
     adapter="${dir}/adapter"
     if [[ "${BACKEND}" == ollama ]]; then
       SERVED_MODEL="${OLLAMA_NAME}:iter-${i}"

@@ -123,13 +123,18 @@ def test_the_second_iteration_is_compared_with_the_first_and_the_best_adapter_ke
 
 @pytest.mark.slow
 def test_pool_current_trains_each_iteration_only_on_what_it_collected(tiny_model, tmp_path):
-    env = settings(tmp_path, tiny_model, ITERATIONS="2", STOP_WHEN_WORSE="0", SKIP_EVAL="1", POOL="current")
+    """POOL=current selects only the iteration's own answers; START_FROM=previous continues the adapter before."""
+    env = settings(tmp_path, tiny_model, ITERATIONS="2", STOP_WHEN_WORSE="0", SKIP_EVAL="1", POOL="current",
+                   START_FROM="previous")  # fmt: skip
     result = pipeline(env)
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = (json.loads((tmp_path / "out" / f"iter-{i}" / "train.csv.meta.json").read_text()) for i in (1, 2))
     assert second["source_rows"]["experiences"] == 12 and second["filters"]["since"] > first["filters"]["since"]
     assert first["counts"]["removed_scope"] == 0 and second["counts"]["removed_scope"] == 6  # iteration 1's answers
     assert second["counts"]["written"] == first["counts"]["written"] == 6
+    started = [json.loads((tmp_path / "out" / f"iter-{i}" / "adapter" / "training_summary.json").read_text())["args"]
+               for i in (1, 2)]  # fmt: skip
+    assert started[0]["init_adapter"] is None and started[1]["init_adapter"] == str(tmp_path / "out/iter-1/adapter")
 
 
 @pytest.mark.slow
@@ -277,6 +282,7 @@ def test_ctrl_c_stops_everything(tiny_model, tmp_path):
         ("BEST_PER_SCENARIO", "0", "BEST_PER_SCENARIO=0: a positive integer, or empty for all"),
         ("EVAL_MAX_NEW_TOKENS", "0", "EVAL_MAX_NEW_TOKENS=0: must be a positive integer"),
         ("POOL", "best", "POOL=best: all or current"),
+        ("START_FROM", "last", "START_FROM=last: base or previous"),
     ],
 )
 def test_bad_setting_is_one_clear_line(tmp_path, tiny_model, name, value, message):
@@ -299,6 +305,7 @@ def test_help_lists_every_setting_with_its_default():
         ("ITERATIONS", "1"),
         ("METHOD", "sft"),
         ("POOL", "all"),
+        ("START_FROM", "base"),
     ]:
         line = next(x for x in result.stdout.splitlines() if x.startswith(name + " "))
         assert line.split()[1] == default, line

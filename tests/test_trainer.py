@@ -356,6 +356,34 @@ def test_long_rows_are_truncated_and_counted(saige_data, tiny_model, tmp_path):
     assert result.returncode == 1 and "raise --max-length" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_init_adapter_continues_training_the_adapter_it_is_given(saige_data, tiny_model, tmp_path):
+    """--init-adapter keeps training an adapter (the pipeline's START_FROM=previous): it starts from that adapter's
+    weights (a new adapter's B matrices are zero) and keeps its LoRA settings."""
+    from safetensors.torch import load_file
+
+    data = convert(saige_data, tmp_path / "train.csv")
+    first = train(data, tiny_model, tmp_path / "first", "--max-steps", "4", "--lora-rank", "4", "--learning-rate", "1e-2")
+    assert first.returncode == 0, first.stderr
+    # one step at a learning rate that moves nothing measurably: the continued adapter is the one it was given
+    again = train(data, tiny_model, tmp_path / "again", "--max-steps", "1", "--learning-rate", "1e-9",
+                  "--init-adapter", tmp_path / "first")  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "continuing the adapter in" in again.stderr
+    before, after = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("first", "again"))
+    assert set(before) == set(after)
+    lora_b = [name for name in before if "lora_B" in name]
+    assert lora_b and all(before[name].abs().max() > 1e-3 for name in lora_b)  # trained: not a new adapter's zeros
+    assert all((before[name] - after[name]).abs().max() < 1e-5 for name in before)
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["r"] == 4  # not --lora-rank's 16
+    used = json.loads((tmp_path / "again" / "training_summary.json").read_text())["args"]
+    assert used["init_adapter"] == str(tmp_path / "first")
+
+    clash = train(data, tiny_model, tmp_path / "first", "--init-adapter", tmp_path / "first", "--overwrite")
+    assert clash.returncode == 2 and "write over the adapter it starts from" in clash.stderr
+    not_one = train(data, tiny_model, tmp_path / "x", "--init-adapter", tmp_path)
+    assert not_one.returncode == 1 and "no adapter_config.json" in not_one.stderr and "Traceback" not in not_one.stderr
+
+
 def test_refuses_to_overwrite_a_finished_adapter(saige_data, tiny_model, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
