@@ -62,6 +62,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 # --- defaults (names and values users already type) -----------------------------------------------------
 DEFAULT_MODEL = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
@@ -91,12 +92,7 @@ CLOUDFLARE_BASES = {  # hub base model -> (Workers AI model, model_type for adap
     "google/gemma-7b-it": ("@cf/google/gemma-7b-it-lora", "gemma"),
 }
 
-METHODS = ("sft", "dpo", "grpo")
-TRL_CLASSES = {
-    "sft": ("SFTConfig", "SFTTrainer"),
-    "dpo": ("DPOConfig", "DPOTrainer"),
-    "grpo": ("GRPOConfig", "GRPOTrainer"),
-}
+METHODS = ("sft", "dpo", "grpo")  # what each one uses is in METHOD_TABLE, below the functions it names
 # TRL's and transformers' names for our flags (TRL's scripts and recipes use them): either spelling works, on the
 # command line and in a --config recipe. Any other field of the method's TRL config, or of TRL's ModelConfig (the
 # model, LoRA and quantization settings TRL's own scripts read), passes through as it is.
@@ -125,7 +121,6 @@ TRL_DERIVED = {
     "use_peft": "train_local.py (always a LoRA adapter)",
     "lora_task_type": "train_local.py (CAUSAL_LM: a chat model)",
 }
-DEFAULT_BETA = {"dpo": 0.1, "grpo": 0.04}  # TRL's DPO default; GRPO: DeepSeekMath's KL weight, a brake on hacking
 DEFAULT_WORKER_URL = "http://localhost:8787"
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 # GRPO rewards: a function of the worker's outcome for one sampled answer; all lie in [-1, 1]
@@ -992,29 +987,10 @@ def build_trainer(model, tokenizer, train, evaluation, args, device: str, precis
     import trl
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    method = METHOD_TABLE[args.method]
     common = common_config(args, device, precision, evaluation is not None)
-    if args.method == "dpo":
-        specific = dict(beta=args.beta, max_length=args.max_length, precompute_ref_log_probs=True)
-    elif args.method == "grpo":
-        specific = dict(
-            beta=args.beta,
-            num_generations=args.num_generations,
-            max_completion_length=args.max_completion_length,
-            temperature=args.temperature,
-        )
-    else:
-        specific = dict(
-            max_length=args.max_length,
-            packing=args.packing,
-            # batches of similar lengths pad less: on a CPU, padding is most of a naive run's time
-            train_sampling_strategy="group_by_length" if args.group_by_length else "random",
-            completion_only_loss=extra,
-            include_num_input_tokens_seen="non_padding",
-        )
-    config_name, trainer_name = TRL_CLASSES[args.method]
-    config = getattr(trl, config_name)(**{**common, **specific, **args.trl_fields})
-    trainer_class = getattr(trl, trainer_name)
-    trainer = trainer_class(
+    config = getattr(trl, method.config)(**{**common, **method.settings(args, extra), **args.trl_fields})
+    trainer = getattr(trl, method.trainer)(
         model=model,
         args=config,
         train_dataset=train,
@@ -1022,7 +998,7 @@ def build_trainer(model, tokenizer, train, evaluation, args, device: str, precis
         processing_class=tokenizer,
         peft_config=None if args.init_adapter else trl.get_peft_config(args.model_args),
         callbacks=[*callbacks, ProgressBar(args.quiet)],
-        **({"reward_funcs": extra} if args.method == "grpo" else {}),
+        **({"reward_funcs": extra} if method.rewarded else {}),
     )
     for printer in (PrinterCallback, ProgressCallback):  # they print log dicts on stdout; ProgressBar replaces them
         trainer.remove_callback(printer)
@@ -1231,27 +1207,11 @@ def summary(trainer, args, started: float, info: dict, device: str, precision: s
     }
 
 
-CURVES = {  # method -> (summary key, {name in the summary: name in TRL's logs})
-    "dpo": ("margin_history", {"margin": "rewards/margins", "accuracy": "rewards/accuracies"}),
-    "grpo": (
-        "reward_history",
-        {
-            "reward": "reward",
-            "weighted": "saige/weighted",
-            "harm": "saige/harm",
-            "words": "saige/words",
-            "distinct2": "saige/distinct2",
-            "kl": "kl",
-        },
-    ),
-}
-
-
 def method_curves(history: list[dict], method: str) -> dict:
     """DPO's chosen-vs-rejected margin or GRPO's reward (with answer length and repetition) over the steps."""
-    if method not in CURVES:
+    if METHOD_TABLE[method].curves is None:
         return {}
-    key, names = CURVES[method]
+    key, names = METHOD_TABLE[method].curves
     curve = [
         {"step": h["step"], **{k: round(h[v], 4) for k, v in names.items() if v in h}}
         for h in history
@@ -1761,7 +1721,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--beta",
         type=number(0, 1000, low_open=False),
         help=f"KL weight that keeps the policy near the base: higher stays closer (default: dpo "
-        f"{DEFAULT_BETA['dpo']}, grpo {DEFAULT_BETA['grpo']})",
+        f"{METHOD_TABLE['dpo'].beta}, grpo {METHOD_TABLE['grpo'].beta})",
     )
     grpo = p.add_argument_group("grpo (online RL against a SAIGE worker)")
     grpo.add_argument(
@@ -2029,27 +1989,106 @@ def prepare_output_dir(args) -> Path:
 
 def training_data(args, tokenizer, bos: str | None, client, notes: dict):
     """The method's training rows, their layout, and the rows left out for the eval loss; counts go to `notes`."""
-    if args.method == "grpo":
-        return grpo_prompts(args, client, tokenizer, bos), "scenario prompts", None
-    data_path = Path(args.data)
-    rows = load_rows(data_path)
-    check_columns(rows, data_path, args.method)
-    if args.method == "dpo":
-        data, layout, notes["skipped_equal_pairs"] = to_preference_rows(rows, bos)
-    else:
-        data, layout = to_training_rows(rows, read_sidecar(data_path), args.train_on_prompt, bos)
-        notes["truncated_rows"] = count_truncated(data, tokenizer, args.max_length)
-        if notes["truncated_rows"]:
-            log(
-                f"{notes['truncated_rows']} of {data.num_rows} examples are longer than --max-length "
-                f"{args.max_length} and are truncated"
-            )
+    data, layout = METHOD_TABLE[args.method].rows(args, tokenizer, bos, client, notes)
+    if args.method == "grpo":  # its prompts have no answer to compute an eval loss on
+        return data, layout, None
     if args.eval_split and data.num_rows >= 10:
         parts = data.train_test_split(test_size=args.eval_split, seed=args.seed)
         return parts["train"], layout, parts["test"]
     if args.eval_split:
         log(f"only {data.num_rows} rows: no eval split (needs 10 or more)")
     return data, layout, None
+
+
+def checked_rows(args):
+    rows = load_rows(Path(args.data))
+    check_columns(rows, Path(args.data), args.method)
+    return rows
+
+
+def sft_rows(args, tokenizer, bos: str | None, client, notes: dict):
+    data, layout = to_training_rows(checked_rows(args), read_sidecar(Path(args.data)), args.train_on_prompt, bos)
+    notes["truncated_rows"] = count_truncated(data, tokenizer, args.max_length)
+    if notes["truncated_rows"]:
+        log(
+            f"{notes['truncated_rows']} of {data.num_rows} examples are longer than --max-length "
+            f"{args.max_length} and are truncated"
+        )
+    return data, layout
+
+
+def dpo_rows(args, tokenizer, bos: str | None, client, notes: dict):
+    data, layout, notes["skipped_equal_pairs"] = to_preference_rows(checked_rows(args), bos)
+    return data, layout
+
+
+def grpo_rows(args, tokenizer, bos: str | None, client, notes: dict):
+    return grpo_prompts(args, client, tokenizer, bos), "scenario prompts"
+
+
+class Method(NamedTuple):
+    """What differs between the --method values; everything else is one code path."""
+
+    config: str  # TRL's config class
+    trainer: str  # TRL's trainer class
+    rows: Callable  # (args, tokenizer, bos, client, notes) -> (training rows, their layout)
+    settings: Callable  # (args, extra) -> the fields of `config` only this method sets; extra: see build_trainer
+    beta: float | None  # --beta's default
+    rewarded: bool  # whether `extra` is the reward function the trainer calls
+    curves: tuple[str, dict] | None  # training_summary key, {name in the summary: name in TRL's logs}
+
+
+METHOD_TABLE = {
+    "sft": Method(
+        "SFTConfig",
+        "SFTTrainer",
+        sft_rows,
+        lambda args, completion_only: dict(
+            max_length=args.max_length,
+            packing=args.packing,
+            # batches of similar lengths pad less: on a CPU, padding is most of a naive run's time
+            train_sampling_strategy="group_by_length" if args.group_by_length else "random",
+            completion_only_loss=completion_only,
+            include_num_input_tokens_seen="non_padding",
+        ),
+        None,
+        False,
+        None,
+    ),
+    "dpo": Method(
+        "DPOConfig",
+        "DPOTrainer",
+        dpo_rows,
+        lambda args, _: dict(beta=args.beta, max_length=args.max_length, precompute_ref_log_probs=True),
+        0.1,  # TRL's default
+        False,
+        ("margin_history", {"margin": "rewards/margins", "accuracy": "rewards/accuracies"}),
+    ),
+    "grpo": Method(
+        "GRPOConfig",
+        "GRPOTrainer",
+        grpo_rows,
+        lambda args, _: dict(
+            beta=args.beta,
+            num_generations=args.num_generations,
+            max_completion_length=args.max_completion_length,
+            temperature=args.temperature,
+        ),
+        0.04,  # DeepSeekMath's KL weight: a brake on reward hacking
+        True,
+        (
+            "reward_history",
+            {
+                "reward": "reward",
+                "weighted": "saige/weighted",
+                "harm": "saige/harm",
+                "words": "saige/words",
+                "distinct2": "saige/distinct2",
+                "kl": "kl",
+            },  # fmt: skip
+        ),
+    ),
+}
 
 
 def dry_run_report(trainer, tokenizer, layout: str, method: str) -> dict:
@@ -2086,7 +2125,7 @@ def run(args) -> int:
     check_scheduler(args.lr_scheduler)
     if args.data:  # bad data fails before the model loads or the worker is called
         check_columns(load_rows(Path(args.data)), Path(args.data), args.method)
-    args.beta = DEFAULT_BETA.get(args.method, 0.0) if args.beta is None else args.beta
+    args.beta = (METHOD_TABLE[args.method].beta or 0.0) if args.beta is None else args.beta
     client = connect_worker(args) if args.method == "grpo" else None
     exports = set(args.export or [])
     cloudflare = check_cloudflare(args) if "cloudflare" in exports else None
@@ -2284,7 +2323,7 @@ def trl_passthrough(parser: argparse.ArgumentParser, method: str, rest: list[str
         def error(self, message):
             raise ValueError(message)
 
-    config_name = TRL_CLASSES[method][0]
+    config_name = METHOD_TABLE[method].config
     classes = (getattr(trl, config_name), trl.ModelConfig)
     model_fields = {f.name for f in dataclasses.fields(trl.ModelConfig)}
     fields = model_fields | {f.name for f in dataclasses.fields(classes[0])}

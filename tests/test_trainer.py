@@ -362,7 +362,8 @@ def test_init_adapter_continues_training_the_adapter_it_is_given(saige_data, tin
     from safetensors.torch import load_file
 
     data = convert(saige_data, tmp_path / "train.csv")
-    first = train(data, tiny_model, tmp_path / "first", "--max-steps", "4", "--lora-rank", "4", "--learning-rate", "1e-2")
+    first = train(data, tiny_model, tmp_path / "first", "--max-steps", "4", "--lora-rank", "4", "--learning-rate",
+                  "1e-2")  # fmt: skip
     assert first.returncode == 0, first.stderr
     # one step at a learning rate that moves nothing measurably: the continued adapter is the one it was given
     again = train(data, tiny_model, tmp_path / "again", "--max-steps", "1", "--learning-rate", "1e-9",
