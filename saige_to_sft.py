@@ -469,6 +469,7 @@ def sql_params(args: argparse.Namespace) -> dict:
         "model_version": args.model_version,
         "k": args.best_per_scenario,
         "margin": args.dpo_margin,
+        "each_worse": args.dpo_pairs == "each",
     }
 
 
@@ -492,7 +493,8 @@ def selection_sql(args: argparse.Namespace) -> str:
 
 
 def dpo_sql(args: argparse.Namespace) -> str:
-    """Per scenario: the best selected experience and the worst valid one, when their scores differ enough."""
+    """Per scenario: the best selected experience and the worst valid one (--dpo-pairs each: every valid one, worst
+    first), when their scores differ enough."""
     base = classified_sql(args)
     return f"""{base}, valid AS (
   -- rows a threshold removed are still fair rejected answers, once they pass the checks the selected rows passed
@@ -507,9 +509,9 @@ def dpo_sql(args: argparse.Namespace) -> str:
 SELECT b.scenario_id, b.id AS chosen_id, b.ai_response AS chosen,
        b.weighted AS chosen_score, b.actual_harm AS chosen_harm, w.id AS rejected_id, w.ai_response AS rejected,
        w.weighted AS rejected_score, w.actual_harm AS rejected_harm
-FROM best b JOIN worst w ON w.scenario_id = b.scenario_id AND w.r = 1
+FROM best b JOIN worst w ON w.scenario_id = b.scenario_id AND (w.r = 1 OR :each_worse)
 WHERE b.r = 1 AND b.id != w.id AND b.weighted - w.weighted >= :margin - {EPSILON} AND w.actual_harm >= b.actual_harm
-ORDER BY b.scenario_id"""
+ORDER BY b.scenario_id, w.r"""
 
 
 GOLD_SQL = """SELECT id AS scenario_id, difficulty_level AS difficulty, expected_response
@@ -1118,6 +1120,7 @@ def sidecar(args, template: ChatTemplate, funnel: Counter, counts: Counter, conn
             t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("experiences", "scenarios")
         },
         "dpo_output": args.dpo_output,
+        **({"dpo_pairs": args.dpo_pairs, "dpo_margin": args.dpo_margin} if args.dpo_output else {}),
     }
 
 
@@ -1202,6 +1205,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=score,
         default=DEFAULT_DPO_MARGIN,
         help="minimum weighted-score gap between chosen and rejected (default: %(default)s)",
+    )
+    io.add_argument(
+        "--dpo-pairs",
+        choices=("worst", "each"),
+        default="worst",
+        help="the best answer of each scenario against: its worst answer (one pair), or each answer at least "
+        "--dpo-margin worse (several; iterative DPO's choice) (default: %(default)s)",
     )
     io.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     sel = p.add_argument_group("selection (the contract's rule: harm <= max AND alignment >= min AND score >= min)")

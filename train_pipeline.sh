@@ -41,6 +41,8 @@ readonly SETTINGS=(
   "MAX_NEW_TOKENS|96|collector and evaluator: tokens per answer"
   "EVAL_MAX_NEW_TOKENS||evaluator: tokens per answer when they should differ from the collection's (reference answers longer than MAX_NEW_TOKENS; the demo collects with 160 and evaluates with 96); empty = MAX_NEW_TOKENS"
   "METHOD|sft|sft (imitate the kept answers), dpo (prefer the best answer over the worst) or grpo (online RL)"
+  "DPO_PAIRS|worst|METHOD=dpo: each scenario's best answer against its worst (one pair), or against each answer DPO_MARGIN worse (each)"
+  "DPO_MARGIN|1.0|METHOD=dpo: weighted-score points the rejected answer must be below the chosen one"
   "EPOCHS|2|train_local.py epochs"
   "LEARNING_RATE|2e-4|train_local.py learning rate"
   "BATCH_SIZE|8|train_local.py batch size"
@@ -158,6 +160,7 @@ validate() {
   number TEMPERATURE 0 100 closed
   number EVAL_TEMPERATURE 0 100
   number HELDOUT_FRACTION 0 0.99 closed
+  number DPO_MARGIN 0 10 closed
   [[ "${DIFFICULTY}" =~ ^[1-5]$ ]] || die "DIFFICULTY=${DIFFICULTY}: must be 1 to 5"
   if [[ -n "${TRAIN_MINUTES}" ]]; then number TRAIN_MINUTES 0 10000000; fi
   [[ -z "${EVAL_LIMIT}" || "${EVAL_LIMIT}" =~ ^[1-9][0-9]{0,8}$ ]] || die "EVAL_LIMIT=${EVAL_LIMIT}: a positive integer"
@@ -169,6 +172,7 @@ validate() {
     [[ "${!name}" =~ ^[01]$ ]] || die "${name}=${!name}: use 0 or 1"
   done
   [[ "${POOL}" == all || "${POOL}" == current ]] || die "POOL=${POOL}: all or current"
+  [[ "${DPO_PAIRS}" == worst || "${DPO_PAIRS}" == each ]] || die "DPO_PAIRS=${DPO_PAIRS}: worst or each"
   [[ "${START_FROM}" == base || "${START_FROM}" == previous ]] || die "START_FROM=${START_FROM}: base or previous"
   if [[ "${POOL}" == current && "${SKIP_COLLECT}" == 1 ]]; then
     die "POOL=current selects from this run's collection, and SKIP_COLLECT=1 collects nothing; set POOL=all"
@@ -439,7 +443,9 @@ convert() {
   local args=(--db "${DB_PATH}" --heldout-fraction "${SPLIT_FRACTION}" --output "${dir}/train.csv" --format "${FORMAT}" --max-harm "${MAX_HARM}"
     --min-buddhist "${MIN_BUDDHIST}" --min-alignment "${MIN_ALIGNMENT}" --dedup)
   if [[ "${FORMAT}" == auto ]]; then args+=(--tokenizer "${MODEL}"); fi
-  if [[ "${METHOD}" == dpo ]]; then args+=(--dpo-output "${dir}/pairs.jsonl"); fi
+  if [[ "${METHOD}" == dpo ]]; then
+    args+=(--dpo-output "${dir}/pairs.jsonl" --dpo-pairs "${DPO_PAIRS}" --dpo-margin "${DPO_MARGIN}")
+  fi
   if [[ -n "${BEST_PER_SCENARIO}" ]]; then args+=(--best-per-scenario "${BEST_PER_SCENARIO}"); fi
   if [[ -n "${EVAL_SUITE}" ]]; then args+=(--heldout-suite "${EVAL_SUITE}"); fi
   if [[ "${TRIM_UNFINISHED}" == 1 ]]; then args+=(--trim-unfinished); fi

@@ -254,6 +254,11 @@ def test_dpo_pairs_best_against_worst_with_margin(graded_db, tmp_path):
     assert meta["prompt_template"] == "<s>[INST] {user} [/INST] " and meta["dpo_output"] == str(pairs_path)
     assert convert(graded_db, tmp_path / "o.csv", "--dpo-output", pairs_path, "--dpo-margin", "2").returncode == 0
     assert [json.loads(x)["chosen_id"] for x in pairs_path.read_text().splitlines()] == [1]
+    # each: the best against every valid answer at least the margin worse, worst first
+    assert convert(graded_db, tmp_path / "o.csv", "--dpo-output", pairs_path, "--dpo-pairs", "each").returncode == 0
+    pairs = [json.loads(line) for line in pairs_path.read_text().splitlines()]
+    expected = [(1, 2), (1, 15), (1, 13), (1, 7), (8, 4), (8, 6), (8, 5)]
+    assert [(p["chosen_id"], p["rejected_id"]) for p in pairs] == expected
 
 
 def test_dedup_drops_near_identical_answers(db_path, tmp_path):
@@ -428,6 +433,7 @@ def test_help_documents_every_flag():
         "--no-clean",
         "--dpo-output",
         "--dpo-margin",
+        "--dpo-pairs",
         "--min-difficulty",
         "--max-difficulty",
         "--since",

@@ -213,14 +213,19 @@ def test_one_iteration_with_dpo_or_grpo(tiny_model, tmp_path, method):
     # 8 sampled answers per scenario: the tiny model's babble scores differently, so a scenario yields a pair (with 4,
     # 2 of 18 collections had none once off-topic babble cost the same at any length; with 8, 30 of 30 had one, but
     # one unseeded CI run of 2026-12-04 had none: seeded, the collection is the same on every run)
+    pairs = {"DPO_PAIRS": "each"} if method == "dpo" else {}  # each worse answer, not only the worst
     env = settings(tmp_path, tiny_model, METHOD=method, SAMPLES_PER_SCENARIO="8", TRAINING_EPISODES="16", EPOCHS="1",
-                   EVAL_SAMPLES="2", SEED="1")  # fmt: skip
+                   EVAL_SAMPLES="2", SEED="1", **pairs)  # fmt: skip
     result = pipeline(env)
     assert result.returncode == 0, result.stderr[-3000:]
     it = tmp_path / "out" / "iter-1"
     summary = json.loads((it / "adapter" / "training_summary.json").read_text())
     assert summary["method"] == method
     assert (it / "pairs.jsonl").is_file() == (method == "dpo")
+    if method == "dpo":
+        written = [json.loads(line) for line in (it / "pairs.jsonl").read_text().splitlines()]
+        assert json.loads((it / "pairs.jsonl.meta.json").read_text())["dpo_pairs"] == "each"
+        assert len(written) > len({p["scenario_id"] for p in written})  # several pairs for a scenario
     assert (it / "train.csv").is_file() == (method == "dpo")  # GRPO needs no conversion
     evaluation = json.loads((it / "eval.json").read_text())
     assert evaluation["comparison"]["scenarios"] == 2 and evaluation["config"]["samples"] == 2
@@ -283,6 +288,8 @@ def test_ctrl_c_stops_everything(tiny_model, tmp_path):
         ("EVAL_MAX_NEW_TOKENS", "0", "EVAL_MAX_NEW_TOKENS=0: must be a positive integer"),
         ("POOL", "best", "POOL=best: all or current"),
         ("START_FROM", "last", "START_FROM=last: base or previous"),
+        ("DPO_PAIRS", "all", "DPO_PAIRS=all: worst or each"),
+        ("DPO_MARGIN", "-1", "DPO_MARGIN=-1: must be a number from 0 up to 10"),
     ],
 )
 def test_bad_setting_is_one_clear_line(tmp_path, tiny_model, name, value, message):
@@ -306,6 +313,8 @@ def test_help_lists_every_setting_with_its_default():
         ("METHOD", "sft"),
         ("POOL", "all"),
         ("START_FROM", "base"),
+        ("DPO_PAIRS", "worst"),
+        ("DPO_MARGIN", "1.0"),
     ]:
         line = next(x for x in result.stdout.splitlines() if x.startswith(name + " "))
         assert line.split()[1] == default, line
