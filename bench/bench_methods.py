@@ -13,6 +13,7 @@ bootstrap 95% CI, answer length and distinct-2 (an improvement with degenerate t
 
     python bench/bench_methods.py                      # about 40 minutes on 2 CPU cores
     python bench/bench_methods.py --budget-minutes 4 --methods sft,grpo
+    python bench/bench_methods.py --methods sft,dpo --settings "DPO_PAIRS=each dpo.LEARNING_RATE=1e-4"  # dpo only
 """
 
 from __future__ import annotations
@@ -103,14 +104,20 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget-minutes", type=float, default=8, help="training budget per method (default: 8)")
     p.add_argument("--methods", default="sft,dpo,grpo", help="which methods, in order (default: sft,dpo,grpo)")
-    p.add_argument("--settings", default="", help="extra VAR=value settings, on top of the Makefile's DEMO_SETTINGS")
+    p.add_argument(
+        "--settings",
+        default="",
+        help="extra VAR=value settings, on top of the Makefile's DEMO_SETTINGS; METHOD.VAR=value for one method only",
+    )
     p.add_argument(
         "--keep", help="keep the runs under this directory, and resume there: finished methods are not rerun"
     )
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "methods.json"), help="results JSON")
     args = p.parse_args()
     settings = {**demo_settings(), "TRAIN_MINUTES": str(args.budget_minutes)}
-    settings.update(dict(item.split("=", 1) for item in shlex.split(args.settings)))
+    given = dict(item.split("=", 1) for item in shlex.split(args.settings))
+    settings.update({k: v for k, v in given.items() if "." not in k})
+    only = {k: v for k, v in given.items() if "." in k}  # method.VAR=value
     print("settings:", " ".join(f"{k}={v}" for k, v in settings.items()), flush=True)
     rows, results = [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,6 +127,7 @@ def main() -> int:
             result = finished_run(run_dir) if args.keep else None
             if result is None:  # the first run collects; the others reuse its database: the same experiences
                 extra = {"METHOD": method, "SKIP_COLLECT": "1" if (folder / "saige.db").exists() else "0"}
+                extra.update({k.split(".", 1)[1]: v for k, v in only.items() if k.split(".", 1)[0] == method})
                 if method == "grpo":
                     extra["EPOCHS"] = "100"  # online RL: the budget, not the epochs, ends it
                 run_dir.mkdir(parents=True, exist_ok=True)
@@ -131,7 +139,7 @@ def main() -> int:
             print(f"{method}: {json.dumps(rows[-1])}", flush=True)
     print_table(rows)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"settings": settings, "methods": rows}, indent=2))
+    Path(args.out).write_text(json.dumps({"settings": {**settings, **only}, "methods": rows}, indent=2))
     print(f"\nresults: {args.out}")
     return 0
 
