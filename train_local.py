@@ -2040,10 +2040,10 @@ class Method(NamedTuple):
 
 METHOD_TABLE = {
     "sft": Method(
-        "SFTConfig",
-        "SFTTrainer",
-        sft_rows,
-        lambda args, completion_only: dict(
+        config="SFTConfig",
+        trainer="SFTTrainer",
+        rows=sft_rows,
+        settings=lambda args, completion_only: dict(
             max_length=args.max_length,
             packing=args.packing,
             # batches of similar lengths pad less: on a CPU, padding is most of a naive run's time
@@ -2051,32 +2051,32 @@ METHOD_TABLE = {
             completion_only_loss=completion_only,
             include_num_input_tokens_seen="non_padding",
         ),
-        None,
-        False,
-        None,
+        beta=None,
+        rewarded=False,
+        curves=None,
     ),
     "dpo": Method(
-        "DPOConfig",
-        "DPOTrainer",
-        dpo_rows,
-        lambda args, _: dict(beta=args.beta, max_length=args.max_length, precompute_ref_log_probs=True),
-        0.1,  # TRL's default
-        False,
-        ("margin_history", {"margin": "rewards/margins", "accuracy": "rewards/accuracies"}),
+        config="DPOConfig",
+        trainer="DPOTrainer",
+        rows=dpo_rows,
+        settings=lambda args, _: dict(beta=args.beta, max_length=args.max_length, precompute_ref_log_probs=True),
+        beta=0.1,  # TRL's default
+        rewarded=False,
+        curves=("margin_history", {"margin": "rewards/margins", "accuracy": "rewards/accuracies"}),
     ),
     "grpo": Method(
-        "GRPOConfig",
-        "GRPOTrainer",
-        grpo_rows,
-        lambda args, _: dict(
+        config="GRPOConfig",
+        trainer="GRPOTrainer",
+        rows=grpo_rows,
+        settings=lambda args, _: dict(
             beta=args.beta,
             num_generations=args.num_generations,
             max_completion_length=args.max_completion_length,
             temperature=args.temperature,
         ),
-        0.04,  # DeepSeekMath's KL weight: a brake on reward hacking
-        True,
-        (
+        beta=0.04,  # DeepSeekMath's KL weight: a brake on reward hacking
+        rewarded=True,
+        curves=(
             "reward_history",
             {
                 "reward": "reward",
@@ -2085,7 +2085,7 @@ METHOD_TABLE = {
                 "words": "saige/words",
                 "distinct2": "saige/distinct2",
                 "kl": "kl",
-            },  # fmt: skip
+            },
         ),
     ),
 }
