@@ -45,6 +45,7 @@ readonly SETTINGS=(
   "DPO_MARGIN|1.0|METHOD=dpo: weighted-score points the rejected answer must be below the chosen one"
   "EPOCHS|2|train_local.py epochs"
   "LEARNING_RATE|2e-4|train_local.py learning rate"
+  "CONTINUE_LEARNING_RATE||START_FROM=previous: the learning rate of an iteration that continues the previous adapter; empty = LEARNING_RATE"
   "BATCH_SIZE|8|train_local.py batch size"
   "LORA_RANK|16|train_local.py LoRA rank"
   "TRAIN_CONFIG||train_local.py --config recipe (YAML, e.g. examples/recipes/demo-sft.yaml) for any other trainer flag; the variables above win over it"
@@ -157,6 +158,7 @@ validate() {
   ((BATCH_SIZE <= 65536)) || die "BATCH_SIZE=${BATCH_SIZE}: must be at most 65536"
   number EPOCHS 0 100000
   number LEARNING_RATE 0 1
+  if [[ -n "${CONTINUE_LEARNING_RATE}" ]]; then number CONTINUE_LEARNING_RATE 0 1; fi
   number TEMPERATURE 0 100 closed
   number EVAL_TEMPERATURE 0 100
   number HELDOUT_FRACTION 0 0.99 closed
@@ -467,9 +469,10 @@ convert() {
 
 # train DIR [PREVIOUS]: PREVIOUS is the adapter the iteration before trained, continued with START_FROM=previous
 train() {
-  local dir="$1" previous="${2:-}"
+  local dir="$1" previous="${2:-}" rate="${LEARNING_RATE}"
+  if [[ "${START_FROM}" == previous && -n "${previous}" ]]; then rate="${CONTINUE_LEARNING_RATE:-${LEARNING_RATE}}"; fi
   local args=(--method "${METHOD}" --model "${MODEL}" --output-dir "${dir}/adapter" --epochs "${EPOCHS}"
-    --learning-rate "${LEARNING_RATE}" --batch-size "${BATCH_SIZE}" --lora-rank "${LORA_RANK}" --overwrite -q)
+    --learning-rate "${rate}" --batch-size "${BATCH_SIZE}" --lora-rank "${LORA_RANK}" --overwrite -q)
   case "${METHOD}" in
     sft) args+=(--data "${dir}/train.csv") ;;
     dpo) args+=(--data "${dir}/pairs.jsonl") ;;

@@ -125,7 +125,7 @@ def test_the_second_iteration_is_compared_with_the_first_and_the_best_adapter_ke
 def test_pool_current_trains_each_iteration_only_on_what_it_collected(tiny_model, tmp_path):
     """POOL=current selects only the iteration's own answers; START_FROM=previous continues the adapter before."""
     env = settings(tmp_path, tiny_model, ITERATIONS="2", STOP_WHEN_WORSE="0", SKIP_EVAL="1", POOL="current",
-                   START_FROM="previous")  # fmt: skip
+                   START_FROM="previous", LEARNING_RATE="3e-4", CONTINUE_LEARNING_RATE="1e-4")  # fmt: skip
     result = pipeline(env)
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = (json.loads((tmp_path / "out" / f"iter-{i}" / "train.csv.meta.json").read_text()) for i in (1, 2))
@@ -135,6 +135,7 @@ def test_pool_current_trains_each_iteration_only_on_what_it_collected(tiny_model
     started = [json.loads((tmp_path / "out" / f"iter-{i}" / "adapter" / "training_summary.json").read_text())["args"]
                for i in (1, 2)]  # fmt: skip
     assert started[0]["init_adapter"] is None and started[1]["init_adapter"] == str(tmp_path / "out/iter-1/adapter")
+    assert [a["learning_rate"] for a in started] == [3e-4, 1e-4]
 
 
 @pytest.mark.slow
@@ -289,6 +290,7 @@ def test_ctrl_c_stops_everything(tiny_model, tmp_path):
         ("POOL", "best", "POOL=best: all or current"),
         ("START_FROM", "last", "START_FROM=last: base or previous"),
         ("DPO_PAIRS", "all", "DPO_PAIRS=all: worst or each"),
+        ("CONTINUE_LEARNING_RATE", "fast", "CONTINUE_LEARNING_RATE=fast: must be a number above 0 up to 1"),
         ("DPO_MARGIN", "-1", "DPO_MARGIN=-1: must be a number from 0 up to 10"),
     ],
 )
@@ -329,6 +331,7 @@ def test_help_lists_every_setting_with_its_default():
         "SKIP_TRAIN",
         "SKIP_EVAL",
         "USE_4BIT",
+        "CONTINUE_LEARNING_RATE",
     ]:
         assert any(x.startswith(name + " ") for x in result.stdout.splitlines()), name
     bad = subprocess.run(["bash", str(SCRIPT), "--bogus"], capture_output=True, text=True)
