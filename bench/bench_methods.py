@@ -131,7 +131,7 @@ def main() -> int:
                 if method == "grpo":
                     extra["EPOCHS"] = "100"  # online RL: the budget, not the epochs, ends it
                 run_dir.mkdir(parents=True, exist_ok=True)
-                result = run_loop(run_dir, {**settings, **extra}, db=folder / "saige.db")
+                result = run_loop(run_dir, {**settings, **extra}, db=folder / "saige.db")[0]  # its one iteration
             rows.append(method_row(method, result))
             if method != "sft" and "sft" in results:  # the target: a method that beats SFT, CI above zero
                 rows[-1]["vs_sft"], rows[-1]["vs_sft_ci95"] = versus(result, results["sft"])
