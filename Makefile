@@ -26,13 +26,13 @@ $(VENV)/.llamacpp: $(VENV)/.installed requirements-llamacpp.txt
 
 # the main job: the whole loop (collect, convert, train, evaluate) offline, on a demo database in demo/.
 # Measured (README): a gain for SmolLM2-135M on the held-out split whose CI clears zero under our scorer and under
-# chrF against the reference answers, on each of three fresh runs, in about 10.6 minutes on 2 CPU cores:
+# chrF against the reference answers, on three of four fresh runs, in 8.8 to 10.8 minutes on 2 CPU cores:
 # best-of-8 on 30 training scenarios, with room for 160 tokens
 # (cut back to their last full sentence, answers of 96 tokens taught the model to stop after two sentences); of
 # the answers that pass (SmolLM2's rarely reach the pipeline's 6.5 / good, so 5.5 / moderate), each scenario's 2
 # best; one epoch at 6e-4 (as good as 3 at 2e-4 in a third of the time); 4 sampled answers of 96 tokens per
 # held-out scenario, so one lucky or unlucky greedy answer does not decide the comparison. Fewer scenarios than
-# before (60): a larger gain under both judges in 10.6 minutes instead of 17; 25 scenarios (200 episodes) take
+# before (60): a larger gain under both judges in 9-11 minutes instead of 17; 25 scenarios (200 episodes) take
 # 9-10 minutes, but their gain's CI held zero on one run of three.
 DEMO_SETTINGS ?= TRAINING_EPISODES=240 SAMPLES_PER_SCENARIO=8 MAX_NEW_TOKENS=160 EVAL_MAX_NEW_TOKENS=96 \
 	MAX_HARM=0.25 MIN_BUDDHIST=5.5 MIN_ALIGNMENT=moderate BEST_PER_SCENARIO=2 TRIM_UNFINISHED=1 \

@@ -5,7 +5,7 @@ a local worker, collect best-of-K, convert, LoRA, evaluate against the base) int
 wall time and the held-out figures the issue asks for: mean weighted score and harm of base and tuned, the
 difference with its paired bootstrap 95% CI, wins/ties/losses, answer length and distinct-2.
 
-    python bench/bench_loop.py                       # about 11 minutes on 2 CPU cores; minutes per stage too
+    python bench/bench_loop.py                       # 9-11 minutes on 2 CPU cores; minutes per stage too
     python bench/bench_loop.py --seeds 1,2,3         # the loop three times, collection seeds 1..3
     python bench/bench_loop.py --settings "TRAINING_EPISODES=400 EPOCHS=3"   # on top of DEMO_SETTINGS
     python bench/bench_loop.py --iterations 3        # three loop iterations, each against the base and the one before
