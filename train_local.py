@@ -1232,10 +1232,17 @@ def check_cloudflare(args) -> tuple[str, str]:
             f"(got {args.cloudflare_base or args.model}); for a local copy of one, name it with --cloudflare-base",
             EXIT_USAGE,
         )
-    if args.lora_rank > CLOUDFLARE_MAX_RANK:
+    # a continued adapter keeps its own rank (--lora-rank does not apply to it)
+    source = f"--init-adapter {args.init_adapter}'s rank" if args.init_adapter else "--lora-rank"
+    rank = (
+        json.loads((Path(args.init_adapter) / "adapter_config.json").read_text())["r"]
+        if args.init_adapter
+        else args.lora_rank
+    )
+    if rank > CLOUDFLARE_MAX_RANK:
         raise CliError(
-            f"--export cloudflare: Workers AI accepts adapters of rank <= {CLOUDFLARE_MAX_RANK}, and --lora-rank is "
-            f"{args.lora_rank}; retrain with --lora-rank {CLOUDFLARE_MAX_RANK}",
+            f"--export cloudflare: Workers AI accepts adapters of rank <= {CLOUDFLARE_MAX_RANK}, and {source} is "
+            f"{rank}; retrain with --lora-rank {CLOUDFLARE_MAX_RANK}",
             EXIT_USAGE,
         )
     return base

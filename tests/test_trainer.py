@@ -366,9 +366,12 @@ def test_init_adapter_continues_training_the_adapter_it_is_given(saige_data, tin
                   "1e-2")  # fmt: skip
     assert first.returncode == 0, first.stderr
     # one step at a learning rate that moves nothing measurably: the continued adapter is the one it was given
+    # and its rank is the adapter's (4), not --lora-rank's default 16, which Workers AI would refuse
     again = train(data, tiny_model, tmp_path / "again", "--max-steps", "1", "--learning-rate", "1e-9",
-                  "--init-adapter", tmp_path / "first")  # fmt: skip
+                  "--init-adapter", tmp_path / "first", "--export", "cloudflare", "--cloudflare-base",
+                  "@cf/mistral/mistral-7b-instruct-v0.2-lora")  # fmt: skip
     assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again" / "cloudflare" / "adapter_model.safetensors").is_file()
     assert "continuing the adapter in" in again.stderr
     before, after = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("first", "again"))
     assert set(before) == set(after)
