@@ -118,7 +118,7 @@ def main() -> int:
     given = dict(item.split("=", 1) for item in shlex.split(args.settings))
     settings.update({k: v for k, v in given.items() if "." not in k})
     only = {k: v for k, v in given.items() if "." in k}  # method.VAR=value
-    print("settings:", " ".join(f"{k}={v}" for k, v in settings.items()), flush=True)
+    print("settings:", " ".join(f"{k}={v}" for k, v in {**settings, **only}.items()), flush=True)
     rows, results = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.keep or tmp)
