@@ -1961,6 +1961,13 @@ def model_problem(name: str) -> str | None:
 def init_adapter_problem(folder: str | None) -> str | None:
     if folder and not (Path(folder) / "adapter_config.json").is_file():
         return f"--init-adapter {folder}: no adapter_config.json there, so not a LoRA adapter folder (train_local.py's)"
+    if folder:
+        try:
+            config = json.loads((Path(folder) / "adapter_config.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            return f"--init-adapter {folder}: cannot read its adapter_config.json ({e})"
+        if not isinstance(config, dict) or not isinstance(config.get("r"), int):
+            return f"--init-adapter {folder}: its adapter_config.json has no LoRA rank (r), so it is not a LoRA adapter"
     return None
 
 

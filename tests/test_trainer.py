@@ -386,6 +386,12 @@ def test_init_adapter_continues_training_the_adapter_it_is_given(saige_data, tin
     assert clash.returncode == 2 and "write over the adapter it starts from" in clash.stderr
     not_one = train(data, tiny_model, tmp_path / "x", "--init-adapter", tmp_path)
     assert not_one.returncode == 1 and "no adapter_config.json" in not_one.stderr and "Traceback" not in not_one.stderr
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text('{"r": 4,')  # cut short
+    broken = train(data, tiny_model, tmp_path / "y", "--init-adapter", tmp_path / "broken", "--export", "cloudflare",
+                   "--cloudflare-base", "@cf/mistral/mistral-7b-instruct-v0.2-lora")  # fmt: skip
+    assert broken.returncode == 1 and "cannot read its adapter_config.json" in broken.stderr
+    assert "Traceback" not in broken.stderr and not (tmp_path / "y").exists()
 
 
 def test_refuses_to_overwrite_a_finished_adapter(saige_data, tiny_model, tmp_path):
