@@ -50,6 +50,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -1581,6 +1582,7 @@ def run(args) -> int:
         # as in the collector: our own lines say what loads; the library's notes (a GGUF loaded in bf16: "pass
         # float32", about kernels not installed here) are not the user's to act on
         transformers.logging.set_verbosity_error()
+        warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, not the user's concern
         device = device_name(args)  # refuses --precision fp16 on a CPU before any worker is called
         args.batch_size = generation_batch_size(args.batch_size, device)
     sessions = {"score": worker_session(args.worker_token, True), "store": worker_session(args.worker_token, False)}

@@ -98,6 +98,8 @@ def test_one_iteration_end_to_end(tiny_model, tmp_path):
     assert table[0].split()[:3] == ["iter", "examples", "train"] and table[1].split()[0] == "1"
     assert (tmp_path / "out" / "summary.txt").read_text() == result.stdout
     assert not workers_on(tmp_path / "saige.db")
+    for log in ("collect.log", "train.log", "eval.log"):  # library deprecation notes are not the user's to act on
+        assert "Warning" not in (it / log).read_text(), log
 
 
 @pytest.mark.slow
