@@ -2380,6 +2380,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the machine-readable summary: on stdout, or written to FILE (as test_model.py --json FILE)",
     )
     o.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary on stderr")
+    o.add_argument(
+        "--progress",
+        action="store_true",
+        help="progress bars even when stderr is not a terminal (piped, as train_pipeline.sh does)",
+    )
     p.epilog = (
         "The worker for local runs: python saige_worker.py --db ./saige.db --init\n"
         "A smoke test: python collect_experiences.py --backend echo --episodes 5"
@@ -2708,11 +2713,21 @@ def run(args: argparse.Namespace) -> int:
     return report(args, state, records, stats, backend, elapsed, previous, not_attempted, db_is_worker, busy)
 
 
+# --- shared: progress bars (the same in every script: edit shared_blocks/progress_bars.py, then `make sync`) ----------
+def bars_off(args) -> bool | None:
+    """tqdm's `disable` for --quiet and --progress: None lets tqdm draw a bar only on a terminal, so a bar piped into a
+    log (train_pipeline.sh's tee) is drawn only when asked for with --progress."""
+    return True if args.quiet else False if args.progress else None
+
+
+# --- end shared: progress bars ----------------------------------------------------------------------------------------
+
+
 def collect_with_signals(args, state: RunState, worker, backend, records: Records, stats: Stats, todo, previous):
     """collect(), with Ctrl-C and SIGTERM stopping new episodes and letting the ones being scored finish."""
     from tqdm import tqdm
 
-    progress = tqdm(total=todo, desc="Collecting", unit="ep", file=sys.stderr, disable=True if args.quiet else None)
+    progress = tqdm(total=todo, desc="Collecting", unit="ep", file=sys.stderr, disable=bars_off(args))
 
     def on_signal(signum, frame) -> None:
         if state.interrupted:

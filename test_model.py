@@ -698,6 +698,16 @@ def render_prompt(tokenizer, template, system: str, user: str) -> str:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+# --- shared: progress bars (the same in every script: edit shared_blocks/progress_bars.py, then `make sync`) ----------
+def bars_off(args) -> bool | None:
+    """tqdm's `disable` for --quiet and --progress: None lets tqdm draw a bar only on a terminal, so a bar piped into a
+    log (train_pipeline.sh's tee) is drawn only when asked for with --progress."""
+    return True if args.quiet else False if args.progress else None
+
+
+# --- end shared: progress bars ----------------------------------------------------------------------------------------
+
+
 def generate(model, tokenizer, template, prompts: list[str], args, device: str) -> list[str]:
     """Batched generation; answers are cut at the format's end marker and stripped."""
     import torch
@@ -707,7 +717,7 @@ def generate(model, tokenizer, template, prompts: list[str], args, device: str) 
     answers: list[str] = [""] * len(prompts)
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     batches = length_sorted(lengths, args.batch_size)  # like lengths together: less padding; answers in input order
-    for rows in tqdm(batches, desc="Generating", unit="batch", disable=args.quiet or None, file=sys.stderr):
+    for rows in tqdm(batches, desc="Generating", unit="batch", disable=bars_off(args), file=sys.stderr):
         batch = encode_prompts(tokenizer, [prompts[i] for i in rows], template is not None).to(device)
         sampling = (
             {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
@@ -780,7 +790,7 @@ def served_answers(model: str, chats: list[list[dict]], args) -> list[str]:
 
     with ThreadPoolExecutor(SERVER_THREADS) as pool:
         answers = pool.map(ask, range(len(chats)))
-        return list(tqdm(answers, total=len(chats), desc="Generating", unit="answer", disable=args.quiet or None,
+        return list(tqdm(answers, total=len(chats), desc="Generating", unit="answer", disable=bars_off(args),
                          file=sys.stderr))  # fmt: skip
 
 
@@ -1353,6 +1363,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write a PNG chart of per-principle means")
     p.add_argument("--fail-below", type=float, metavar="X", help="exit 1 when the model's weighted score is below X")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--progress",
+        action="store_true",
+        help="progress bars even when stderr is not a terminal (piped, as train_pipeline.sh does)",
+    )
     return p
 
 

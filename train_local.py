@@ -997,7 +997,7 @@ def build_trainer(model, tokenizer, train, evaluation, args, device: str, precis
         eval_dataset=evaluation,
         processing_class=tokenizer,
         peft_config=None if args.init_adapter else trl.get_peft_config(args.model_args),
-        callbacks=[*callbacks, ProgressBar(args.quiet)],
+        callbacks=[*callbacks, ProgressBar(args)],
         **({"reward_funcs": extra} if method.rewarded else {}),
     )
     for printer in (PrinterCallback, ProgressCallback):  # they print log dicts on stdout; ProgressBar replaces them
@@ -1073,7 +1073,17 @@ def StopWhenAsked(minutes: float | None):  # noqa: N802 - reads as a class at th
     return _Stop()
 
 
-def ProgressBar(quiet: bool):  # noqa: N802 - a TrainerCallback built lazily, like StopWhenAsked
+# --- shared: progress bars (the same in every script: edit shared_blocks/progress_bars.py, then `make sync`) ----------
+def bars_off(args) -> bool | None:
+    """tqdm's `disable` for --quiet and --progress: None lets tqdm draw a bar only on a terminal, so a bar piped into a
+    log (train_pipeline.sh's tee) is drawn only when asked for with --progress."""
+    return True if args.quiet else False if args.progress else None
+
+
+# --- end shared: progress bars ----------------------------------------------------------------------------------------
+
+
+def ProgressBar(flags):  # noqa: N802 - a TrainerCallback built lazily, like StopWhenAsked
     """A step bar on stderr with the loss, tokens/s and ETA (in place of transformers' dict printing on stdout); one
     bar under `accelerate launch`, drawn by the main process (the figures it shows are already global)."""
     from tqdm import tqdm
@@ -1081,14 +1091,14 @@ def ProgressBar(quiet: bool):  # noqa: N802 - a TrainerCallback built lazily, li
 
     class _Bar(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            self.quiet = quiet or not state.is_world_process_zero
+            self.quiet = flags.quiet or not state.is_world_process_zero
             self.bar = tqdm(
                 total=state.max_steps,
                 initial=state.global_step,
                 desc="Training",
                 unit="step",
                 file=sys.stderr,
-                disable=self.quiet or None,
+                disable=True if self.quiet else bars_off(flags),
                 dynamic_ncols=True,
             )
             self.started, self.tokens = time.monotonic(), state.num_input_tokens_seen
@@ -1803,6 +1813,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="prepare everything, print how the first example is tokenized and masked (JSON), don't train",
     )
     out.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    out.add_argument(
+        "--progress",
+        action="store_true",
+        help="progress bars even when stderr is not a terminal (piped, as train_pipeline.sh does)",
+    )
     return p
 
 

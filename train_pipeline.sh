@@ -65,6 +65,7 @@ readonly SETTINGS=(
   "SKIP_TRAIN|0|1 = stop after converting (no adapter, no evaluation)"
   "SKIP_EVAL|0|1 = train but do not evaluate"
   "USE_4BIT|0|1 = QLoRA (needs a CUDA GPU)"
+  "PROGRESS|auto|progress bars of the collector, trainer and evaluator: auto = when stderr is a terminal; 1 = always; 0 = never (each step's log keeps a bar's last state only)"
   "PYTHON||Python to run the scripts; empty = .venv/bin/python when present, else python3"
   "LAUNCHER||runs the training step in place of PYTHON, e.g. 'accelerate launch --num_processes 4' for 4 GPUs (examples/accelerate/); split on spaces; empty = PYTHON"
 )
@@ -174,6 +175,10 @@ validate() {
     [[ "${!name}" =~ ^[01]$ ]] || die "${name}=${!name}: use 0 or 1"
   done
   [[ "${POOL}" == all || "${POOL}" == current ]] || die "POOL=${POOL}: all or current"
+  [[ "${PROGRESS}" =~ ^(auto|0|1)$ ]] || die "PROGRESS=${PROGRESS}: auto, 0 or 1"
+  if [[ "${PROGRESS}" == auto ]]; then PROGRESS=0 && [[ -t 2 ]] && PROGRESS=1; fi
+  # without bars, the libraries' own (transformers' GGUF loading) go too: tqdm reads TQDM_* as its defaults
+  if [[ "${PROGRESS}" == 0 ]]; then export TQDM_DISABLE=1; fi
   [[ "${DPO_PAIRS}" == worst || "${DPO_PAIRS}" == each ]] || die "DPO_PAIRS=${DPO_PAIRS}: worst or each"
   [[ "${START_FROM}" == base || "${START_FROM}" == previous ]] || die "START_FROM=${START_FROM}: base or previous"
   if [[ "${POOL}" == current && "${SKIP_COLLECT}" == 1 ]]; then
@@ -407,6 +412,9 @@ choose_split() {
 # run_step NAME LOG COMMAND...: log the exact command, run it, and name the step and its log when it fails. The
 # collector's exit 1 means "finished, but some episodes failed" (an empty answer, say): the loop goes on with the
 # episodes that were scored; any other failure stops it.
+# progress_flag: the steps' bars on (tee is not a terminal, so they are asked to draw anyway) or off
+progress_flag() { if [[ "${PROGRESS}" == 1 ]]; then echo --progress; else echo --quiet; fi; }
+
 run_step() {
   local name="$1" logfile="$2" status
   shift 2
@@ -415,6 +423,10 @@ run_step() {
   "$@" 2>&1 | tee "${logfile}" >&2
   status=${PIPESTATUS[0]}
   set -e
+  # a progress bar redraws its line after each carriage return: the log keeps what the last drawing said
+  if [[ "${PROGRESS}" == 1 ]]; then
+    awk '{ sub(/.*\r/, ""); print }' "${logfile}" >"${logfile}.tmp" && mv "${logfile}.tmp" "${logfile}"
+  fi
   if [[ "${name}" == collect && "${status}" == 1 ]]; then
     log "collect: some episodes failed (an empty answer, say); going on with the ones that were scored"
   elif [[ "${status}" != 0 ]]; then
@@ -430,7 +442,7 @@ collect() {
   local args=(--heldout-fraction "${SPLIT_FRACTION}" --worker-url "${WORKER_URL}" --episodes "${TRAINING_EPISODES}" --difficulty "${DIFFICULTY}"
     --db "${DB_PATH}" --backend "${BACKEND}" --model "${SERVED_MODEL:-${MODEL}}" --samples-per-scenario "${SAMPLES_PER_SCENARIO}"
     --concurrency "${CONCURRENCY}" --temperature "${TEMPERATURE}" --max-new-tokens "${MAX_NEW_TOKENS}"
-    --scenarios cover --output-jsonl "${dir}/episodes.jsonl" --resume --quiet)
+    --scenarios cover --output-jsonl "${dir}/episodes.jsonl" --resume "$(progress_flag)")
   if [[ -n "${adapter}" && "${BACKEND}" == transformers ]]; then args+=(--adapter "${adapter}"); fi
   if [[ "${BACKEND}" == ollama ]]; then args+=(--ollama-url "${OLLAMA_URL}"); fi
   if [[ "${BACKEND}" == openai ]]; then args+=(--api-base "${API_BASE}"); fi
@@ -472,7 +484,7 @@ train() {
   local dir="$1" previous="${2:-}" rate="${LEARNING_RATE}"
   if [[ "${START_FROM}" == previous && -n "${previous}" ]]; then rate="${CONTINUE_LEARNING_RATE:-${LEARNING_RATE}}"; fi
   local args=(--method "${METHOD}" --model "${MODEL}" --output-dir "${dir}/adapter" --epochs "${EPOCHS}"
-    --learning-rate "${rate}" --batch-size "${BATCH_SIZE}" --lora-rank "${LORA_RANK}" --overwrite -q)
+    --learning-rate "${rate}" --batch-size "${BATCH_SIZE}" --lora-rank "${LORA_RANK}" --overwrite "$(progress_flag)")
   case "${METHOD}" in
     sft) args+=(--data "${dir}/train.csv") ;;
     dpo) args+=(--data "${dir}/pairs.jsonl") ;;
@@ -557,7 +569,7 @@ evaluate() {
   local dir="$1" previous="$2"
   local args=(--model "${dir}/adapter" --compare "${MODEL}" --worker-url "${WORKER_URL}"
     --max-new-tokens "${EVAL_MAX_NEW_TOKENS}" --report "${dir}/eval.md" --json "${dir}/eval.json"
-    --plot "${dir}/eval.png" -q)
+    --plot "${dir}/eval.png" "$(progress_flag)")
   if [[ -n "${EVAL_SUITE}" ]]; then
     args+=(--suite "${EVAL_SUITE}")
   elif [[ "${SPLIT_FRACTION}" != 0 ]]; then

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pty
 import re
 import signal
 import socket
@@ -100,6 +101,30 @@ def test_one_iteration_end_to_end(tiny_model, tmp_path):
     assert not workers_on(tmp_path / "saige.db")
     for log in ("collect.log", "train.log", "eval.log"):  # library deprecation notes are not the user's to act on
         assert "Warning" not in (it / log).read_text(), log
+
+
+def run_in_terminal(env: dict, timeout: float = 600) -> tuple[int, str]:
+    """The pipeline with its stderr on a pseudo-terminal, as a person runs it: (exit code, what the terminal got)."""
+    main, terminal = pty.openpty()
+    process = subprocess.Popen(["bash", str(SCRIPT)], env=env, stdout=subprocess.DEVNULL, stderr=terminal)
+    os.close(terminal)
+    shown = b""
+    with contextlib.suppress(OSError):  # EIO once the last writer has closed the terminal
+        while chunk := os.read(main, 65536):
+            shown += chunk
+    os.close(main)
+    return process.wait(timeout=timeout), shown.decode("utf-8", "replace")
+
+
+@pytest.mark.slow
+def test_in_a_terminal_each_step_shows_its_progress_bar_and_logs_only_its_last_state(tiny_model, tmp_path):
+    code, shown = run_in_terminal(settings(tmp_path, tiny_model, EVAL_MAX_NEW_TOKENS="12"))
+    assert code == 0, shown[-3000:]
+    it = tmp_path / "out" / "iter-1"
+    for log, bar in [("collect.log", "Collecting"), ("train.log", "Training"), ("eval.log", "Generating")]:
+        assert f"\r{bar}" in shown, bar  # redrawn in place on the terminal
+        text = (it / log).read_text()
+        assert "\r" not in text and re.search(rf"^{bar}: +100%", text, re.M), (log, text[-500:])
 
 
 @pytest.mark.slow
@@ -297,6 +322,7 @@ def test_ctrl_c_stops_everything(tiny_model, tmp_path):
         ("DPO_PAIRS", "all", "DPO_PAIRS=all: worst or each"),
         ("CONTINUE_LEARNING_RATE", "fast", "CONTINUE_LEARNING_RATE=fast: must be a number above 0 up to 1"),
         ("DPO_MARGIN", "-1", "DPO_MARGIN=-1: must be a number from 0 up to 10"),
+        ("PROGRESS", "yes", "PROGRESS=yes: auto, 0 or 1"),
     ],
 )
 def test_bad_setting_is_one_clear_line(tmp_path, tiny_model, name, value, message):
