@@ -416,7 +416,7 @@ def test_length_sorted_batches_answer_in_the_input_order(tiny_model):
     prompts = [test_model.render_prompt(tokenizer, template, "Be kind.", c) for c in contexts]
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     assert len(set(lengths)) == len(lengths)  # distinct lengths: the same batches whatever the input order
-    args = Namespace(batch_size=2, temperature=0, max_new_tokens=6, quiet=True)
+    args = Namespace(batch_size=2, temperature=0, top_p=0.9, max_new_tokens=6, quiet=True)
     answers = test_model.generate(model, tokenizer, template, prompts, args, "cpu")
     backwards = test_model.generate(model, tokenizer, template, prompts[::-1], args, "cpu")
     assert answers == backwards[::-1] and len(answers) == 4

@@ -15,6 +15,7 @@ EXPECTED = {  # block -> the scripts that must carry it
     "prompt encoding": {"collect_experiences.py", "test_model.py"},
     "generation speed": {"collect_experiences.py", "test_model.py"},
     "hardware bf16": {"collect_experiences.py", "test_model.py", "train_local.py"},
+    "sampling": {"collect_experiences.py", "test_model.py"},
     "progress bars": {"collect_experiences.py", "test_model.py", "train_local.py"},
     "offline model": {"collect_experiences.py", "test_model.py", "train_local.py"},
     "system prompt": {"saige_to_sft.py", "collect_experiences.py", "test_model.py", "train_local.py"},
