@@ -13,7 +13,8 @@
 3. The levers the collector has no flag for, measured with model.generate() in this process on the collector's
    prompts: length-sorted batches against arrival order, eager against sdpa attention, a static KV cache, and
    (--with-compile, slow) torch.compile with its compile time included; ratios against batch 8 fp32 in arrival
-   order, which runs again last to show how much the machine's load drifted.
+   order, which runs again last to show how much the machine's load drifted; and sampling (temperature 0.7, top-p
+   0.9, the collector's defaults) by transformers' own sampler against the collector's NucleusSampler.
 
 Each figure is the collector's own (its --json summary): the collection loop, without process start or model
 loading. Every configuration runs as its own process against one fresh worker.
@@ -21,6 +22,7 @@ loading. Every configuration runs as its own process against one fresh worker.
     python bench/bench_collector.py
     python bench/bench_collector.py --episodes 400 --latency-ms 100 --skip-transformers
     python bench/bench_collector.py --skip-echo --quick          # the transformers options only, a few minutes
+    python bench/bench_collector.py --sampling-only              # transformers' sampler against ours, batch 32
 """
 
 from __future__ import annotations
@@ -187,10 +189,19 @@ LEVERS = [  # (label, options) run in this process on the same prompts; the firs
     ("batch 32 bf16, length-sorted", {"batch": 32, "dtype": "bf16", "sort": True}),
     ("batch 8 fp32 (baseline again: drift)", {}),
 ]
+# temperature and top-p as the collector samples (its defaults 0.7 / 0.9): transformers' own sampler against the
+# collector's NucleusSampler (the same distribution), A B A B; the greedy run shows what sampling costs
+SAMPLING_LEVERS = [
+    ("batch 32 fp32, greedy", {"batch": 32}),
+    ("batch 32 fp32, sampled by transformers", {"batch": 32, "sample": "transformers"}),
+    ("batch 32 fp32, sampled by NucleusSampler", {"batch": 32, "sample": "ours"}),
+    ("batch 32 fp32, sampled by transformers (again)", {"batch": 32, "sample": "transformers"}),
+    ("batch 32 fp32, sampled by NucleusSampler (again)", {"batch": 32, "sample": "ours"}),
+]
 COMPILE_LEVER = ("batch 8 fp32, torch.compile (compile time included)", {"compile": True})
 
 
-def bench_levers(n: int, max_new_tokens: int, with_compile: bool) -> None:
+def bench_levers(n: int, max_new_tokens: int, levers: list) -> None:
     """The levers the collector has no flag for, measured directly with model.generate() in this process, on the
     collector's own prompts (scenarios of data/scenarios.json, its system prompt, the chat template)."""
     import importlib.util
@@ -201,6 +212,7 @@ def bench_levers(n: int, max_new_tokens: int, with_compile: bool) -> None:
 
     spec = importlib.util.spec_from_file_location("collector", COLLECTOR)
     c = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = c  # its dataclasses look their module up there
     spec.loader.exec_module(c)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -227,7 +239,9 @@ def bench_levers(n: int, max_new_tokens: int, with_compile: bool) -> None:
             models[dtype, attn] = m.eval()
         return models[dtype, attn]
 
-    def run(batch=8, dtype="fp32", attn="sdpa", sort=False, cache=None, compile=False) -> tuple[int, float]:
+    def run(
+        batch=8, dtype="fp32", attn="sdpa", sort=False, cache=None, compile=False, sample=None
+    ) -> tuple[int, float]:
         net = model(dtype, attn)
         stop = sorted({tok.eos_token_id, net.generation_config.eos_token_id} - {None})
         with torch.inference_mode():  # the one-off first pass, as the collector does before timing
@@ -239,14 +253,19 @@ def bench_levers(n: int, max_new_tokens: int, with_compile: bool) -> None:
             c.length_sorted(lengths, batch) if sort else [list(range(i, min(i + batch, n))) for i in range(0, n, batch)]
         )
         extra = {"cache_implementation": cache} if cache else {}
+        if sample:
+            torch.manual_seed(0)
+            ours = c.sampling_options(c.DEFAULT_TEMPERATURE, c.DEFAULT_TOP_P)
+            theirs = {"temperature": c.DEFAULT_TEMPERATURE, "top_p": c.DEFAULT_TOP_P}
+            extra.update(ours if sample == "ours" else {"do_sample": True, **theirs})
         tokens, started = 0, time.monotonic()
         try:
             with torch.inference_mode():
                 for rows in groups:
                     enc = tok([texts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False)
                     out = net.generate(
-                        **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                        eos_token_id=stop, **extra,
+                        **enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=stop,
+                        **{"do_sample": False, **extra},
                     )  # fmt: skip
                     for row in out[:, enc["input_ids"].shape[1] :].tolist():
                         end = next((i for i, t in enumerate(row) if t in stop), len(row))
@@ -257,10 +276,11 @@ def bench_levers(n: int, max_new_tokens: int, with_compile: bool) -> None:
 
     print(
         f"\nLevers without a collector flag, model.generate() in one process, {n} collector prompts, "
-        f"--max-new-tokens {max_new_tokens}, greedy, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"--max-new-tokens {max_new_tokens}, greedy unless said, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
     )
     base = None
-    for label, options in LEVERS + ([COMPILE_LEVER] if with_compile else []):
+    for label, options in levers:
         tokens, seconds = run(**options)
         rate = tokens / seconds
         base = base or rate
@@ -291,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
         "--with-compile", action="store_true", help="also measure torch.compile in the levers section (slow)"
     )
     p.add_argument("--skip-levers", action="store_true", help="no levers section")
+    p.add_argument(
+        "--sampling-only",
+        action="store_true",
+        help="only the sampling levers: transformers' sampler against the collector's, at batch 32",
+    )
     p.add_argument("--skip-transformers", action="store_true", help="only the echo runs")
     p.add_argument("--skip-echo", action="store_true", help="only the transformers runs")
     args = p.parse_args(argv)
@@ -308,10 +333,13 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     proxy.shutdown()
                     proxy.server_close()
-            if not args.skip_transformers:
+            if args.sampling_only:
+                bench_levers(args.lever_prompts, args.max_new_tokens, SAMPLING_LEVERS)
+            elif not args.skip_transformers:
                 bench_transformers(url, args.tf_episodes, args.max_new_tokens, args.quick)
                 if not (args.quick or args.skip_levers):
-                    bench_levers(args.lever_prompts, args.max_new_tokens, args.with_compile)
+                    levers = LEVERS + SAMPLING_LEVERS[1:3] + ([COMPILE_LEVER] if args.with_compile else [])
+                    bench_levers(args.lever_prompts, args.max_new_tokens, levers)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=10)
