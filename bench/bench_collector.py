@@ -190,8 +190,10 @@ LEVERS = [  # (label, options) run in this process on the same prompts; the firs
     ("batch 8 fp32 (baseline again: drift)", {}),
 ]
 # temperature and top-p as the collector samples (its defaults 0.7 / 0.9): transformers' own sampler against the
-# collector's NucleusSampler (the same distribution), A B A B; the greedy run shows what sampling costs
+# collector's NucleusSampler (the same distribution), A B A B, against batch 8 with transformers' sampler (how the
+# collector generated before batch 32 and NucleusSampler); the greedy run shows what sampling costs
 SAMPLING_LEVERS = [
+    ("batch 8 fp32, sampled by transformers (the collector before)", {"sample": "transformers"}),
     ("batch 32 fp32, greedy", {"batch": 32}),
     ("batch 32 fp32, sampled by transformers", {"batch": 32, "sample": "transformers"}),
     ("batch 32 fp32, sampled by NucleusSampler", {"batch": 32, "sample": "ours"}),
@@ -338,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             elif not args.skip_transformers:
                 bench_transformers(url, args.tf_episodes, args.max_new_tokens, args.quick)
                 if not (args.quick or args.skip_levers):
-                    levers = LEVERS + SAMPLING_LEVERS[1:3] + ([COMPILE_LEVER] if args.with_compile else [])
+                    levers = LEVERS + SAMPLING_LEVERS[:4] + ([COMPILE_LEVER] if args.with_compile else [])
                     bench_levers(args.lever_prompts, args.max_new_tokens, levers)
         finally:
             proc.send_signal(signal.SIGTERM)
