@@ -176,7 +176,9 @@ validate() {
   done
   [[ "${POOL}" == all || "${POOL}" == current ]] || die "POOL=${POOL}: all or current"
   [[ "${PROGRESS}" =~ ^(auto|0|1)$ ]] || die "PROGRESS=${PROGRESS}: auto, 0 or 1"
-  if [[ "${PROGRESS}" == auto ]]; then PROGRESS=0 && [[ -t 2 ]] && PROGRESS=1; fi
+  if [[ "${PROGRESS}" == auto ]]; then
+    if [[ -t 2 ]]; then PROGRESS=1; else PROGRESS=0; fi
+  fi
   # without bars, the libraries' own (transformers' GGUF loading) go too: tqdm reads TQDM_* as its defaults
   if [[ "${PROGRESS}" == 0 ]]; then export TQDM_DISABLE=1; fi
   [[ "${DPO_PAIRS}" == worst || "${DPO_PAIRS}" == each ]] || die "DPO_PAIRS=${DPO_PAIRS}: worst or each"
@@ -409,12 +411,12 @@ choose_split() {
   fi
 }
 
-# run_step NAME LOG COMMAND...: log the exact command, run it, and name the step and its log when it fails. The
-# collector's exit 1 means "finished, but some episodes failed" (an empty answer, say): the loop goes on with the
-# episodes that were scored; any other failure stops it.
 # progress_flag: the steps' bars on (tee is not a terminal, so they are asked to draw anyway) or off
 progress_flag() { if [[ "${PROGRESS}" == 1 ]]; then echo --progress; else echo --quiet; fi; }
 
+# run_step NAME LOG COMMAND...: log the exact command, run it, and name the step and its log when it fails. The
+# collector's exit 1 means "finished, but some episodes failed" (an empty answer, say): the loop goes on with the
+# episodes that were scored; any other failure stops it.
 run_step() {
   local name="$1" logfile="$2" status
   shift 2
