@@ -26,7 +26,7 @@ $(VENV)/.llamacpp: $(VENV)/.installed requirements-llamacpp.txt
 
 # the main job: the whole loop (collect, convert, train, evaluate) offline, on a demo database in demo/.
 # Measured (README): a gain for SmolLM2-135M on the held-out split whose CI clears zero under our scorer and under
-# chrF against the reference answers, on six of seven fresh runs, in 8.0 to 10.8 minutes on 2 CPU cores:
+# chrF against the reference answers, on eight of nine fresh runs, in 7.8 to 10.8 minutes on 2 CPU cores:
 # best-of-8 on 30 training scenarios, with room for 160 tokens
 # (cut back to their last full sentence, answers of 96 tokens taught the model to stop after two sentences); of
 # the answers that pass (SmolLM2's rarely reach the pipeline's 6.5 / good, so 5.5 / moderate), each scenario's 2

