@@ -47,11 +47,11 @@ demo-settings:
 	@echo $(DEMO_SETTINGS)
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=10
 
 # the tests that train or generate with the real SmolLM2-135M (minutes each on a CPU)
 test-slow: setup
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest -m slow --durations=10
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
