@@ -247,7 +247,7 @@ def drop_finished(net, enc, max_new_tokens: int, stop: list[int]) -> list[int]:
 
 
 def llamacpp_decoding(gguf: str, texts: list[str], groups: list[list[int]], max_new_tokens: int) -> tuple[int, float]:
-    """Greedy batched decoding in llama.cpp: each group's prompts as sequences of one batch, 2 threads."""
+    """Greedy batched decoding in llama.cpp: each group's prompts as sequences of one batch, a thread per CPU."""
     import ctypes
 
     import llama_cpp as lc
