@@ -156,9 +156,12 @@ def test_pool_current_trains_each_iteration_only_on_what_it_collected(tiny_model
     result = pipeline(env)
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = (json.loads((tmp_path / "out" / f"iter-{i}" / "train.csv.meta.json").read_text()) for i in (1, 2))
-    assert second["source_rows"]["experiences"] == 12 and second["filters"]["since"] > first["filters"]["since"]
-    assert first["counts"]["removed_scope"] == 0 and second["counts"]["removed_scope"] == 6  # iteration 1's answers
-    assert second["counts"]["written"] == first["counts"]["written"] == 6
+    # each iteration's recorded answers: up to 6, since the tiny model's babble is now and then empty (not posted)
+    n1, n2 = (len((tmp_path / "out" / f"iter-{i}" / "episodes.jsonl").read_text().splitlines()) for i in (1, 2))
+    assert n1 >= 4 and n2 >= 4
+    assert second["source_rows"]["experiences"] == n1 + n2 and second["filters"]["since"] > first["filters"]["since"]
+    assert first["counts"]["removed_scope"] == 0 and second["counts"]["removed_scope"] == n1  # iteration 1's answers
+    assert (first["counts"]["written"], second["counts"]["written"]) == (n1, n2)
     started = [json.loads((tmp_path / "out" / f"iter-{i}" / "adapter" / "training_summary.json").read_text())["args"]
                for i in (1, 2)]  # fmt: skip
     assert started[0]["init_adapter"] is None and started[1]["init_adapter"] == str(tmp_path / "out/iter-1/adapter")
