@@ -260,7 +260,7 @@ def llamacpp_decoding(gguf: str, texts: list[str], groups: list[list[int]], max_
     vocab = lc.llama_model_get_vocab(model)
     n_vocab, width = lc.llama_vocab_n_tokens(vocab), max(len(g) for g in groups)
     params = lc.llama_context_default_params()
-    params.n_ctx, params.n_batch, params.n_seq_max = width * 512, 8192, width
+    params.n_ctx, params.n_batch, params.n_seq_max = width * (512 + max_new_tokens), 8192, width  # a sequence each
     params.n_threads = params.n_threads_batch = os.cpu_count() or 1
     ctx = lc.llama_init_from_model(model, params)
     batch = lc.llama_batch_init(8192, 0, width)
@@ -425,12 +425,13 @@ def main(argv: list[str] | None = None) -> int:
         "--with-compile", action="store_true", help="also measure torch.compile in the levers section (slow)"
     )
     p.add_argument("--skip-levers", action="store_true", help="no levers section")
-    p.add_argument(
+    only = p.add_mutually_exclusive_group()
+    only.add_argument(
         "--sampling-only",
         action="store_true",
         help="only the sampling levers: transformers' sampler against the collector's, at batch 32",
     )
-    p.add_argument(
+    only.add_argument(
         "--decoding-only",
         action="store_true",
         help="only the decoding levers: generate() against dropping finished rows and llama.cpp's batched decoding",
